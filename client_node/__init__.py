@@ -1,0 +1,1 @@
+"""The data owner's side: local data, trainers, and the thin Flower ClientApp."""

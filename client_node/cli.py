@@ -1,0 +1,46 @@
+"""`client`: a data owner's commands (`client check --data PATH`, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+from fedadapt.cli import run_guarded, setup_logging
+
+
+def cmd_check(args) -> int:
+    """Validate a local data folder before joining: every line parsed, labels known."""
+    from rich.console import Console
+
+    from fedadapt.data import load_split, read_classification_jsonl, read_labels
+
+    path = Path(args.data)
+    labels = args.labels.split(",") if args.labels else read_labels(path if path.is_dir() else path.parent)
+    rows = read_classification_jsonl(path, labels) if path.is_file() else load_split(path, args.split, labels)
+    counts = collections.Counter(labels[e.label] for e in rows)
+    Console().print(f"[green]ok[/]: {len(rows)} examples in {path}; " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="client", description="fedadapt client (a data owner)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="validate a local data folder")
+    c.add_argument("--data", required=True, help="folder with train.jsonl (+ labels.json), or a .jsonl file")
+    c.add_argument("--split", default="train")
+    c.add_argument("--labels", default="", help="comma-separated label names (default: labels.json)")
+    c.set_defaults(func=cmd_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.verbose)
+    return run_guarded(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

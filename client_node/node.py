@@ -1,0 +1,73 @@
+"""One round on a data owner's node, Flower-free: decode → train → (charge privacy) → encode → reply."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from fedadapt.data import DataError
+from fedadapt.models import set_threads
+from protocols.codecs import CodecError, codec_from_config, get_codec
+from protocols.config import ConfigError, config_from_json
+from protocols.messages import RoundInstruction, UpdateEnvelope
+
+from .data import local_examples
+from .trainers import TrainContext, TrainerRefused, get_trainer
+
+log = logging.getLogger("fedadapt.client")
+
+
+def handle_round(instr: RoundInstruction, node_config: dict, state: dict[str, torch.Tensor]) -> UpdateEnvelope:
+    """Run one round of local training. ``state`` persists across rounds on this node (mutated in place)."""
+    t0 = time.perf_counter()
+    client_name = ""
+    try:
+        cfg = config_from_json(instr.run_config_json)
+        set_threads(cfg.train.threads)
+        labels = json.loads(instr.extra.get("labels_json", "[]")) or list(cfg.data.labels)
+        examples, client_name = local_examples(cfg, instr.run_config_json, node_config, labels)
+        global_state = get_codec("none").decode(instr.global_payload, max_bytes=cfg.compression.max_update_bytes)
+        ledger_dir = _ledger_dir(instr, node_config, cfg)
+        trainer = get_trainer(cfg.trainer)
+        ctx = TrainContext(
+            cfg=cfg, round=instr.round, global_state=global_state, examples=examples, labels=labels,
+            client_name=client_name, state=state, ledger_dir=ledger_dir, extra=dict(instr.extra),
+        )
+        result = trainer(ctx)
+        if result.status != "ok":
+            return UpdateEnvelope(status=result.status, reason=result.reason, client_name=client_name,
+                                  metrics=result.metrics, extra=result.extra)
+        codec = codec_from_config(cfg)
+        t_enc = time.perf_counter()
+        payload = codec.encode(result.update, state)
+        metrics = dict(result.metrics)
+        metrics.update(
+            bytes_up=float(len(payload)),
+            bytes_down=float(len(instr.global_payload)),
+            encode_seconds=time.perf_counter() - t_enc,
+            client_seconds=time.perf_counter() - t0,
+        )
+        return UpdateEnvelope(status="ok", payload=payload, num_examples=result.num_examples,
+                              client_name=client_name, metrics=metrics, extra=result.extra)
+    except TrainerRefused as e:
+        log.warning("%s refuses round %d: %s", client_name or "client", instr.round, e)
+        return UpdateEnvelope(status="refused", reason=str(e), client_name=client_name)
+    except (ConfigError, DataError, CodecError) as e:
+        log.error("%s cannot train round %d: %s", client_name or "client", instr.round, e)
+        return UpdateEnvelope(status="error", reason=str(e), client_name=client_name)
+
+
+def _ledger_dir(instr: RoundInstruction, node_config: dict, cfg) -> Path:
+    # A data owner keeps its own ledger (node config "ledger-dir", else beside its cache); in simulation
+    # the coordinator names the run directory so the report finds every simulated owner's ledger.
+    if node_config.get("ledger-dir"):
+        return Path(str(node_config["ledger-dir"])).expanduser()
+    if instr.extra.get("run_dir"):
+        return Path(str(instr.extra["run_dir"])) / "privacy"
+    from fedadapt.paths import home
+
+    return home() / "ledgers" / cfg.name

@@ -1,0 +1,1 @@
+"""The coordinator's side: rounds, mergers, emulators, the run directory, the thin ServerApp."""

@@ -1,0 +1,100 @@
+"""The Flower ServerApp: thin. Moves round instructions and envelopes; ``Coordinator`` does the work."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import fedadapt  # noqa: F401  (offline environment first)
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from protocols.config import config_from_json, load_config
+from protocols.messages import MessageError, RoundInstruction, UpdateEnvelope
+
+from .rounds import Coordinator
+from .run_dir import RunDir
+
+log = logging.getLogger("fedadapt.coordinator")
+
+INSTRUCTION = "instruction"
+UPDATE = "update"
+
+
+class GridTransport:
+    """Round traffic over a Flower Grid: push every instruction, pull replies as they arrive."""
+
+    def __init__(self, grid: Grid, poll_s: float = 0.5):
+        self.grid = grid
+        self.poll_s = poll_s
+
+    def node_ids(self) -> list[int]:
+        return list(self.grid.get_node_ids())
+
+    def run_round(self, instructions: dict[int, RoundInstruction], timeout: float,
+                  on_reply: Callable[[int], None]) -> dict[int, UpdateEnvelope | str]:
+        msgs = [
+            Message(RecordDict({INSTRUCTION: ConfigRecord(instr.to_record())}), dst_node_id=node,
+                    message_type=MessageType.TRAIN, ttl=timeout)
+            for node, instr in instructions.items()
+        ]
+        ids = list(self.grid.push_messages(msgs))
+        id_to_node = dict(zip(ids, instructions))
+        pending = set(ids)
+        out: dict[int, UpdateEnvelope | str] = {}
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                mid = reply.metadata.reply_to_message_id
+                if mid not in pending:
+                    continue
+                pending.discard(mid)
+                node = id_to_node[mid]
+                out[node] = self._unwrap(reply)
+                on_reply(node)
+            if pending:
+                time.sleep(self.poll_s)
+        for mid in pending:
+            out[id_to_node[mid]] = f"no reply within {timeout:.0f}s (federation.round_timeout_s): the client dropped or is too slow"
+        return out
+
+    @staticmethod
+    def _unwrap(reply: Message) -> UpdateEnvelope | str:
+        if reply.has_error():
+            return f"client failed: {reply.error.reason}"
+        try:
+            return UpdateEnvelope.from_record(dict(reply.content[UPDATE]))
+        except (KeyError, MessageError) as e:
+            return f"malformed reply: {e}"
+
+
+def run_coordinator(grid: Grid, cfg, run_dir: RunDir, *, is_simulation: bool) -> None:
+    Coordinator(cfg, run_dir, is_simulation=is_simulation).run(GridTransport(grid))
+
+
+def make_server_app(cfg, run_dir: RunDir, *, is_simulation: bool = True) -> ServerApp:
+    """A ServerApp bound to a config and run directory (the simulation launcher uses this)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_coordinator(grid, cfg, run_dir, is_simulation=is_simulation)
+
+    return app
+
+
+# Deployment: `flwr run` / the coordinator CLI passes the config through the run config.
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = dict(context.run_config)
+    text = str(rc.get("fedadapt-config", ""))
+    if not text:
+        raise SystemExit("run config key 'fedadapt-config' is empty: start runs with `coordinator serve --config run.toml`")
+    cfg = config_from_json(text) if text.lstrip().startswith("{") else load_config(text)
+    run_dir_path = str(rc.get("fedadapt-run-dir", ""))
+    run_dir = RunDir.open_existing(run_dir_path) if run_dir_path else RunDir.create(cfg)
+    run_coordinator(grid, cfg, run_dir, is_simulation=False)

@@ -1,0 +1,47 @@
+"""`coordinator`: the model owner's commands (`coordinator status RUN_DIR`, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fedadapt.cli import err, run_guarded, setup_logging
+
+
+def cmd_status(args) -> int:
+    from .rounds import console, print_summary
+    from .run_dir import RunDir
+
+    rd = RunDir.open_existing(args.run_dir)
+    cfg, st, metrics = rd.config(), rd.state(), rd.metrics
+    clients = sorted({m.get("client") for m in metrics if m.get("kind") == "client" and m.get("client")})
+    up = sum(m.get("bytes_received", 0) for m in metrics if m.get("kind") == "client")
+    down = sum(m.get("bytes_sent", 0) for m in metrics if m.get("kind") == "client")
+    evals = [m for m in metrics if m.get("kind") == "eval"]
+    console.print(f"[bold]{rd.path}[/]: {st.get('status')}, {st.get('completed_rounds', 0)}/{cfg.rounds} rounds done")
+    console.print(f"clients seen: {len(clients)} ({', '.join(clients) if clients else '-'})")
+    console.print(f"bytes: {up:,} received from clients, {down:,} sent to clients")
+    if evals:
+        console.print(f"accuracy: zero-shot {evals[0]['accuracy']:.4f} → latest {evals[-1]['accuracy']:.4f}")
+    print_summary(rd)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="coordinator", description="fedadapt coordinator (the model owner)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("status", help="print a run's progress")
+    s.add_argument("run_dir")
+    s.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.verbose)
+    return run_guarded(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""What every merger receives: client updates (deltas against the global tensors) with their weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class ClientUpdate:
+    delta: dict[str, torch.Tensor]
+    num_examples: int
+    client: str = ""
+
+
+# merge(updates, merge_cfg) -> merged delta (same keys and shapes); the caller adds it to the global
+Merger = Callable[[list[ClientUpdate], object], dict[str, torch.Tensor]]
+
+
+def example_weights(updates: list[ClientUpdate]) -> list[float]:
+    total = sum(u.num_examples for u in updates)
+    if total <= 0:
+        return [1.0 / len(updates)] * len(updates)
+    return [u.num_examples / total for u in updates]

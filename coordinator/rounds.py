@@ -1,0 +1,216 @@
+"""The coordinator's rounds, Flower-free: sample → send → receive → validate → merge → evaluate → commit.
+
+A ``Transport`` moves round instructions to nodes and brings envelopes back; the Flower ServerApp
+provides one over its Grid, tests provide an in-process one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedadapt.partitions import dataset_labels
+from protocols.codecs import CodecError, codec_from_config, get_codec
+from protocols.config import RunConfig
+from protocols.messages import RoundInstruction, UpdateEnvelope
+
+from .mergers import ClientUpdate, get_merger
+from .methods import get_server_method
+from .run_dir import RunDir
+
+log = logging.getLogger("fedadapt.coordinator")
+console = Console(stderr=False)
+
+
+class Transport(Protocol):
+    def node_ids(self) -> list[int]: ...
+
+    def run_round(
+        self, instructions: dict[int, RoundInstruction], timeout: float, on_reply: Callable[[int], None]
+    ) -> dict[int, UpdateEnvelope | str]:
+        """Send each node its instruction; return its envelope, or a string saying why there is none."""
+        ...
+
+
+class RoundFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class RoundOutcome:
+    round: int
+    accepted: list[ClientUpdate] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    eval: dict[str, float] = field(default_factory=dict)
+
+
+def wait_for_nodes(transport: Transport, minimum: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    nodes = transport.node_ids()
+    while len(nodes) < minimum and time.monotonic() < deadline:
+        time.sleep(1.0)
+        nodes = transport.node_ids()
+    if len(nodes) < minimum:
+        raise RoundFailed(
+            f"only {len(nodes)} of the required {minimum} data owners connected within {timeout:.0f}s: "
+            "start more clients (`client join --data PATH`) or lower federation.min_clients"
+        )
+    return sorted(nodes)
+
+
+def sample_nodes(nodes: list[int], per_round: int, seed: int, round_no: int) -> list[int]:
+    if per_round <= 0 or per_round >= len(nodes):
+        return list(nodes)
+    return sorted(random.Random(seed * 100_003 + round_no).sample(nodes, per_round))
+
+
+class Coordinator:
+    """Drives a run over any transport and writes the run directory."""
+
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, *, is_simulation: bool = False):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.is_simulation = is_simulation
+        self.labels = dataset_labels(cfg.data)
+        self.method = get_server_method(cfg.trainer)(cfg, self.labels)
+        self.codec = codec_from_config(cfg)
+        self.merger = get_merger(cfg.merger)
+        self.cfg_json = cfg.model_dump_json()
+
+    # ------------------------------------------------------------------ pieces
+    def instruction(self, round_no: int, global_payload: bytes) -> RoundInstruction:
+        extra = {"labels_json": json.dumps(self.labels)}
+        if self.is_simulation:
+            extra["run_dir"] = str(self.run_dir.path.resolve())
+        extra.update(self.method.round_extra(round_no))
+        return RoundInstruction(round=round_no, run_config_json=self.cfg_json, global_payload=global_payload, extra=extra)
+
+    def decode(self, env: UpdateEnvelope, expected) -> dict[str, torch.Tensor]:
+        return self.codec.decode(env.payload, max_bytes=self.cfg.compression.max_update_bytes, expected=expected)
+
+    def _evaluate(self, global_state, progress: Progress, label: str) -> dict[str, float]:
+        t0 = time.perf_counter()
+        task = progress.add_task(label, total=self.method.eval_size() or None)
+        res = self.method.evaluate(global_state, progress=lambda n: progress.advance(task, n))
+        progress.remove_task(task)
+        res["seconds"] = time.perf_counter() - t0
+        return res
+
+    # ------------------------------------------------------------------ the run
+    def run(self, transport: Transport) -> list[dict]:
+        cfg, rd = self.cfg, self.run_dir
+        done, global_state = rd.resume_point()
+        if global_state is None:
+            global_state = self.method.initial_global()
+        elif done:
+            console.print(f"[bold]resuming[/] {rd.path} after round {done}")
+        expected = self.method.expected_shapes(global_state)
+        fed = cfg.federation
+        progress = Progress(
+            TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=False,
+        )
+        with progress:
+            if not any(m.get("kind") == "eval" and m.get("round") == 0 for m in rd.metrics):
+                ev = self._evaluate(global_state, progress, "zero-shot evaluation")
+                rd.append_metrics({"kind": "eval", "round": 0, **ev})
+                console.print(f"round 0 (before training): accuracy [bold]{ev['accuracy']:.4f}[/]  loss {ev['loss']:.4f}")
+            rounds_task = progress.add_task("rounds", total=cfg.rounds, completed=done)
+            for r in range(done + 1, cfg.rounds + 1):
+                t_round = time.perf_counter()
+                nodes = wait_for_nodes(transport, fed.min_clients, fed.wait_for_clients_s)
+                chosen = sample_nodes(nodes, fed.clients_per_round, cfg.seed, r)
+                payload = get_codec("none").encode(global_state)
+                instr = self.instruction(r, payload)
+                clients_task = progress.add_task(f"round {r}: clients", total=len(chosen))
+                replies = transport.run_round(
+                    {n: instr for n in chosen}, fed.round_timeout_s, lambda _n: progress.advance(clients_task)
+                )
+                progress.remove_task(clients_task)
+                outcome = self._collect(r, replies, expected, len(payload))
+                if len(outcome.accepted) < fed.min_clients:
+                    rd.mark("failed", reason=f"round {r}: {len(outcome.accepted)} usable updates < min_clients {fed.min_clients}")
+                    raise RoundFailed(
+                        f"round {r} got {len(outcome.accepted)} usable updates, fewer than federation.min_clients="
+                        f"{fed.min_clients}: {outcome.rejected}"
+                    )
+                t_merge = time.perf_counter()
+                merged = self.merger(outcome.accepted, cfg.merge)
+                global_state = self.method.apply_update(global_state, merged)
+                merge_s = time.perf_counter() - t_merge
+                ev = self._evaluate(global_state, progress, f"round {r}: evaluation")
+                rd.append_metrics({
+                    "kind": "eval", "round": r, **ev, "clients": len(outcome.accepted),
+                    "rejected": len(outcome.rejected), "merge_seconds": merge_s,
+                    "round_seconds": time.perf_counter() - t_round,
+                })
+                self.method.save_artifacts(rd, global_state)
+                rd.commit_round(r, global_state)
+                progress.advance(rounds_task)
+                console.print(
+                    f"round {r}: accuracy [bold]{ev['accuracy']:.4f}[/]  loss {ev['loss']:.4f}  "
+                    f"({len(outcome.accepted)} clients, {time.perf_counter() - t_round:.1f}s)"
+                )
+        rd.mark("done")
+        self.print_summary()
+        return rd.metrics
+
+    def _collect(self, r: int, replies: dict[int, UpdateEnvelope | str], expected, bytes_down: int) -> RoundOutcome:
+        out = RoundOutcome(r)
+        records = []
+        for node, env in sorted(replies.items()):
+            base = {"kind": "client", "round": r, "node_id": int(node)}
+            if isinstance(env, str):
+                out.rejected[str(node)] = env
+                log.warning("round %d: node %s gave no update: %s", r, node, env)
+                records.append({**base, "status": "no-reply", "reason": env})
+                continue
+            name = env.client_name or f"node-{node}"
+            rec = {**base, "client": name, "status": env.status, "examples": env.num_examples,
+                   "bytes_sent": bytes_down, "bytes_received": len(env.payload), **env.metrics}
+            if env.status != "ok":
+                out.rejected[name] = env.reason
+                log.warning("round %d: %s sent no update (%s): %s", r, name, env.status, env.reason)
+                records.append({**rec, "reason": env.reason})
+                continue
+            try:
+                delta = self.decode(env, expected)
+            except CodecError as e:
+                out.rejected[name] = str(e)
+                log.error("round %d: refused the update from %s: %s", r, name, e)
+                records.append({**rec, "status": "refused", "reason": str(e)})
+                continue
+            raw = sum(t.numel() * 4 for t in delta.values())
+            rec["compression_ratio"] = raw / max(len(env.payload), 1)
+            out.accepted.append(ClientUpdate(delta=delta, num_examples=env.num_examples, client=name))
+            records.append(rec)
+        self.run_dir.append_metrics(*records)
+        return out
+
+    def print_summary(self) -> None:
+        print_summary(self.run_dir)
+
+
+def print_summary(run_dir: RunDir) -> None:
+    table = Table(title=f"fedadapt run {run_dir.path}")
+    for col in ("round", "accuracy", "loss", "clients", "bytes up", "seconds"):
+        table.add_column(col, justify="right")
+    for m in run_dir.metrics:
+        if m.get("kind") != "eval":
+            continue
+        r = m["round"]
+        up = sum(c.get("bytes_received", 0) for c in run_dir.metrics if c.get("kind") == "client" and c["round"] == r)
+        table.add_row(
+            "0 (zero-shot)" if r == 0 else str(r), f"{m['accuracy']:.4f}", f"{m['loss']:.4f}",
+            str(m.get("clients", "-")), f"{up:,}" if r else "-", f"{m.get('round_seconds', m.get('seconds', 0)):.1f}",
+        )
+    console.print(table)

@@ -1,0 +1,15 @@
+"""fedadapt's shared core: the model store, the data readers, the classification task, adapter helpers.
+
+Both the coordinator and the client nodes use these; neither imports the other.
+"""
+
+import os
+
+# No hub is reachable and none may be asked: every model and dataset is local.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+__version__ = "0.1.0"

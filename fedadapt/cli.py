@@ -1,0 +1,97 @@
+"""`fedadapt`: the umbrella command. `fedadapt simulate`, `fedadapt coordinator ...`, `fedadapt client ...`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+err = Console(stderr=True)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)], force=True,
+    )
+    for noisy in ("flwr", "ray", "urllib3", "httpx", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="run config TOML (see simulations/configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set rounds=2 --set train.local_steps=4 (repeatable)")
+
+
+def cmd_simulate(args) -> int:
+    from protocols.config import load_config
+    from simulations.simulate import run_simulation_for
+
+    cfg = load_config(args.config, args.overrides)  # fully validated before anything starts
+    err.print(f"[bold]fedadapt simulate[/]: {cfg.federation.num_clients} data owners, {cfg.rounds} rounds, "
+              f"trainer={cfg.trainer} model={cfg.model} data={cfg.data.dataset} codec={cfg.codec} merger={cfg.merger}")
+    rd = run_simulation_for(cfg)
+    err.print(f"run directory: [bold]{rd.path}[/] ({rd.wall_seconds:.0f}s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedadapt", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("simulate", help="run a local multi-node simulation")
+    add_config_args(s)
+    s.set_defaults(func=cmd_simulate)
+    for name, help_ in (("coordinator", "the model owner's commands"), ("client", "a data owner's commands"),
+                        ("privacy", "privacy reports and audits"), ("merge", "merge PEFT adapters offline")):
+        d = sub.add_parser(name, help=help_, add_help=False)
+        d.add_argument("rest", nargs=argparse.REMAINDER)
+        d.set_defaults(func=None, delegate=name)
+    return p
+
+
+DELEGATES = {
+    "coordinator": "coordinator.cli:main",
+    "client": "client_node.cli:main",
+}
+
+
+def run_guarded(fn, *a) -> int:
+    """Known errors become one red line and exit code 2; nothing else is swallowed."""
+    from fedadapt.data import DataError
+    from protocols.codecs import CodecError
+    from protocols.config import ConfigError
+
+    known: tuple[type[BaseException], ...] = (ConfigError, DataError, CodecError, FileNotFoundError)
+    try:
+        return int(fn(*a) or 0)
+    except known as e:
+        err.print(f"[bold red]error:[/] {e}")
+        return 2
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    import importlib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    if getattr(args, "delegate", None):
+        target = DELEGATES.get(args.delegate)
+        if target is None:
+            parser.error(f"'{args.delegate}' is not available in this build")
+        module, fn = target.split(":")
+        return getattr(importlib.import_module(module), fn)(args.rest)
+    return run_guarded(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The update container every codec shares, and the codec interface.
+
+Wire layout (all integers little-endian)::
+
+    b"FDAU" | u8 format version | u32 header length | header JSON | body | 32-byte SHA-256 of all before
+
+The header names the codec, its version, and every tensor (name, shape, dtype) plus codec-specific
+fields. The decoder checks size, magic, checksum, header schema and tensor shapes before a codec
+sees the body, so a codec's own decode only has to validate its body layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+MAGIC = b"FDAU"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<4sBI")
+_DIGEST = 32
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class CodecError(ValueError):
+    """A payload that cannot be trusted: corrupt, truncated, oversized, wrong shape, NaN/Inf."""
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Container:
+    codec: str
+    codec_version: int
+    tensors: list[TensorSpec]
+    body: bytes
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def pack(container: Container) -> bytes:
+    header = {
+        "codec": container.codec,
+        "codec_version": container.codec_version,
+        "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in container.tensors],
+        "extra": container.extra,
+    }
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    head = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hb)) + hb + container.body
+    return head + hashlib.sha256(head).digest()
+
+
+def unpack(payload: bytes, max_bytes: int) -> Container:
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise CodecError(f"update payload is {type(payload).__name__}, not bytes")
+    payload = bytes(payload)
+    if len(payload) > max_bytes:
+        raise CodecError(
+            f"update of {len(payload)} bytes exceeds the limit of {max_bytes}: raise compression.max_update_bytes if it is legitimate"
+        )
+    if len(payload) < _PREFIX.size + _DIGEST:
+        raise CodecError(f"update truncated: {len(payload)} bytes is shorter than the container header")
+    magic, version, hlen = _PREFIX.unpack_from(payload)
+    if magic != MAGIC:
+        raise CodecError("update does not start with the fedadapt container magic: not a fedadapt update or corrupt")
+    if version != FORMAT_VERSION:
+        raise CodecError(f"update container version {version} is not supported (expected {FORMAT_VERSION})")
+    if hashlib.sha256(payload[:-_DIGEST]).digest() != payload[-_DIGEST:]:
+        raise CodecError("update checksum mismatch: the payload was corrupted or truncated in transit")
+    if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(payload) - _DIGEST:
+        raise CodecError("update header length is out of range")
+    try:
+        header = json.loads(payload[_PREFIX.size : _PREFIX.size + hlen])
+        tensors = [
+            TensorSpec(str(t["name"]), tuple(int(s) for s in t["shape"]), str(t["dtype"])) for t in header["tensors"]
+        ]
+        codec, codec_version = str(header["codec"]), int(header["codec_version"])
+        extra = dict(header.get("extra", {}))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CodecError(f"update header is malformed: {e}") from None
+    names = set()
+    for t in tensors:
+        if t.name in names:
+            raise CodecError(f"update names tensor {t.name!r} twice")
+        names.add(t.name)
+        if t.dtype not in DTYPES:
+            raise CodecError(f"tensor {t.name!r} has unsupported dtype {t.dtype!r}")
+        if any(s < 0 for s in t.shape) or len(t.shape) > 8 or t.numel > max_bytes:
+            raise CodecError(f"tensor {t.name!r} has an impossible shape {t.shape}")
+    return Container(codec, codec_version, tensors, payload[_PREFIX.size + hlen : -_DIGEST], extra)
+
+
+def check_expected(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]] | None) -> None:
+    """Refuse updates whose tensor names or shapes differ from what the coordinator expects."""
+    if expected is None:
+        return
+    missing = sorted(set(expected) - set(tensors))
+    unknown = sorted(set(tensors) - set(expected))
+    if missing or unknown:
+        raise CodecError(f"update tensors do not match the global adapter: missing {missing[:3]}, unexpected {unknown[:3]}")
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(expected[name]):
+            raise CodecError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(expected[name])}")
+
+
+def check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise CodecError(f"tensor {name!r} contains NaN or Inf: the client's training diverged")
+
+
+class Codec:
+    """Encodes a dict of float tensors into a container and back.
+
+    Stateful codecs (error feedback) keep their residual in ``state``, a dict the caller persists
+    between rounds (the ClientApp keeps it in Flower's ``context.state``).
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+
+    def encode(self, tensors: dict[str, torch.Tensor], state: dict[str, torch.Tensor] | None = None) -> bytes:
+        raise NotImplementedError
+
+    def decode_body(self, container: Container) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(
+        self,
+        payload: bytes,
+        *,
+        max_bytes: int = 256 * 1024 * 1024,
+        expected: dict[str, tuple[int, ...]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        container = unpack(payload, max_bytes)
+        if container.codec != self.name:
+            raise CodecError(f"update was encoded with codec {container.codec!r}, but this run uses {self.name!r}")
+        if container.codec_version != self.version:
+            raise CodecError(f"codec {self.name} version {container.codec_version} is not supported (expected {self.version})")
+        try:
+            tensors = self.decode_body(container)
+        except CodecError:
+            raise
+        except Exception as e:  # any layout error in the body is corruption, never a crash
+            raise CodecError(f"update body for codec {self.name} is malformed: {e}") from None
+        check_expected(tensors, expected)
+        check_finite(tensors)
+        return tensors
+
+
+def spec_of(name: str, t: torch.Tensor) -> TensorSpec:
+    dtype = {v: k for k, v in DTYPES.items()}.get(t.dtype)
+    if dtype is None:
+        raise CodecError(f"tensor {name!r} has dtype {t.dtype}; only float tensors can be sent")
+    return TensorSpec(name, tuple(t.shape), dtype)

@@ -1,0 +1,248 @@
+"""The run config: one pydantic model describes a whole run, validated before anything starts.
+
+Read from TOML (``simulations/configs/*.toml``) with ``--set key=value`` overrides. Every method's
+name is a Literal so a typo fails at load time with the allowed values; unknown keys are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Names the registries answer to. Adding a method = one file + one registry line + its name here.
+ModelName = Literal["smollm2-135m", "tiny-llama"]
+TrainerName = Literal["lora", "lora-dp", "offsite", "sfprompt", "dpopt"]
+CodecName = Literal["none", "fp16", "int8", "compeft"]
+MergerName = Literal["fedavg", "task-arithmetic", "ties", "dare-ties", "pcb"]
+PartitionerName = Literal["iid", "dirichlet", "domain"]
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message is one line naming the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    dataset: str = "rotten_tomatoes"  # a folder under the data root, or a path to a folder
+    root: str = ""  # data root; "" = ../shared/data when present, else the fetched cache
+    labels: list[str] = Field(default_factory=list)  # [] = the dataset's labels.json
+    label_words: list[str] = Field(default_factory=list)  # [] = " " + label (leading space)
+    prompt: str = "Review: {text}\nSentiment:"
+    max_length: int = Field(64, ge=8, le=2048)
+    train_split: str = "train"
+    eval_split: str = "test"
+    eval_examples: int = Field(0, ge=0)  # 0 = the whole split
+    partitioner: PartitionerName = "iid"
+    alpha: float = Field(0.5, gt=0)  # Dirichlet concentration
+    domains: list[str] = Field(default_factory=list)  # partitioner="domain": one sub-folder per node
+    max_train_examples: int = Field(0, ge=0)  # 0 = all; caps each node's partition (tests)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, v: str) -> str:
+        if "{text}" not in v:
+            raise ValueError("must contain the placeholder {text}")
+        return v
+
+
+class FederationConfig(_Section):
+    num_clients: int = Field(4, ge=1, le=1000)  # simulated data owners (simulation only)
+    clients_per_round: int = Field(0, ge=0)  # 0 = every connected client
+    min_clients: int = Field(1, ge=1)  # a round needs at least this many replies
+    round_timeout_s: float = Field(900.0, gt=0)
+    wait_for_clients_s: float = Field(300.0, gt=0)
+
+
+class TrainConfig(_Section):
+    local_steps: int = Field(8, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    eval_batch_size: int = Field(32, ge=1)
+    threads: int = Field(0, ge=0)  # torch threads per process; 0 = all cores
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class CompressionConfig(_Section):
+    density: float = Field(0.05, gt=0, le=1)  # compeft: fraction of entries kept per tensor
+    alpha: float = Field(1.0, gt=0)  # compeft: scale = alpha * std of the kept values' source
+    error_feedback: bool = True  # compeft: keep the residual on the client, add it next round
+    int8_per_channel: bool = True
+    max_update_bytes: int = Field(256 * 1024 * 1024, ge=1024)  # decoder refuses larger payloads
+
+
+class MergeConfig(_Section):
+    scaling: float = Field(1.0, gt=0)  # task arithmetic lambda (also applied by ties/dare/pcb)
+    density: float = Field(0.2, gt=0, le=1)  # ties/dare-ties: fraction kept (trim) / 1 - drop rate
+    pcb_ratio: float = Field(0.1, gt=0, le=1)  # pcb: fraction kept after balancing
+    lora_space: Literal["per-matrix", "product"] = "per-matrix"
+
+
+class PrivacyConfig(_Section):
+    mode: Literal["none", "dp-sgd"] = "none"
+    target_epsilon: float = Field(8.0, gt=0)
+    delta: float = Field(0.0, ge=0, lt=1)  # 0 = 1 / (10 * n_local), below 1/n as DP requires
+    max_grad_norm: float = Field(1.0, gt=0)
+    accountant: Literal["rdp", "prv", "pld"] = "rdp"
+    grad_sample_mode: Literal["hooks", "ghost", "functorch"] = "hooks"
+    client_level: bool = False
+    client_noise_multiplier: float = Field(1.0, ge=0)
+    client_clip_norm: float = Field(1.0, gt=0)
+
+
+class OffsiteConfig(_Section):
+    emulator: Literal["uniform", "crash"] = "crash"
+    adapter_layers: tuple[int, int] = (2, 2)  # bottom, top layers the client trains
+    keep: int = Field(8, ge=1)  # unique middle layers kept in the emulator
+    calibration_examples: int = Field(64, ge=1)
+    distill_steps: int = Field(0, ge=0)
+    use_lora: bool = False  # train the adapter layers fully (False) or with LoRA on them
+    emulator_dir: str = ""  # load a prebuilt emulator instead of building one
+
+
+class SFPromptConfig(_Section):
+    head_layers: int = Field(1, ge=1)
+    tail_layers: int = Field(1, ge=1)
+    prompt_tokens: int = Field(8, ge=1)
+    prune_keep: float = Field(0.5, gt=0, le=1)
+    local_loss_steps: int = Field(2, ge=0)
+    body_address: str = "127.0.0.1:0"  # port 0 = pick a free port (simulation)
+    max_message_mb: int = Field(64, ge=1)
+
+
+class DPOPTConfig(_Section):
+    epsilon: float = Field(8.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    ensemble_size: int = Field(8, ge=1)
+    num_prompts: int = Field(4, ge=1)
+    max_new_tokens: int = Field(24, ge=1)
+    mechanism: Literal["limited-domain", "exponential"] = "limited-domain"
+    shots: int = Field(4, ge=1)  # demonstrations per ensemble member
+    selection: Literal["public", "private"] = "public"
+    on_failure: Literal["stop", "fallback"] = "stop"
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    seed: int = 0
+    model: ModelName = "smollm2-135m"
+    trainer: TrainerName = "lora"
+    codec: CodecName = "none"
+    merger: MergerName = "fedavg"
+    rounds: int = Field(3, ge=1)
+    output_dir: str = "runs"
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    offsite: OffsiteConfig = Field(default_factory=OffsiteConfig)
+    sfprompt: SFPromptConfig = Field(default_factory=SFPromptConfig)
+    dpopt: DPOPTConfig = Field(default_factory=DPOPTConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\\0") or v in {".", ".."}:
+            raise ValueError("must be a plain folder name (no slashes)")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        fed = self.federation
+        if fed.clients_per_round and fed.clients_per_round < fed.min_clients:
+            raise ValueError(
+                f"federation.clients_per_round ({fed.clients_per_round}) is below "
+                f"federation.min_clients ({fed.min_clients}); raise it or lower min_clients"
+            )
+        if self.data.label_words and self.data.labels and len(self.data.label_words) != len(self.data.labels):
+            raise ValueError("data.label_words needs one word per entry of data.labels")
+        if self.trainer == "lora-dp" and self.privacy.mode != "dp-sgd":
+            self.privacy.mode = "dp-sgd"
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _format_error(err: ValidationError) -> str:
+    """One line per problem: the dotted key, what is wrong, and the allowed values when known."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(config)"
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"unknown key '{key}': remove it or check its spelling (see simulations/configs/demo.toml)")
+        elif kind == "literal_error":
+            allowed = e.get("ctx", {}).get("expected", "")
+            lines.append(f"bad value {e.get('input')!r} for '{key}': allowed values are {allowed}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"bad value {e.get('input')!r} for '{key}': {msg}")
+    return "; ".join(lines)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value as TOML (numbers, bools, strings, lists); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.local_steps=4")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{p}' is not a section")
+        node[parts[-1]] = _parse_scalar(value.strip())
+    return raw
+
+
+def validate_config(raw: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found: pass --config simulations/configs/demo.toml or a path to a TOML file")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid TOML ({e}): fix the syntax") from None
+    return validate_config(apply_overrides(raw, overrides or []))
+
+
+def config_from_json(text: str) -> RunConfig:
+    return validate_config(json.loads(text))
