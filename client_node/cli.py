@@ -16,7 +16,9 @@ def cmd_check(args) -> int:
 
     from fedadapt.data import load_split, read_classification_jsonl, read_labels
 
-    path = Path(args.data)
+    path = Path(args.data).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data path {path} does not exist: pass --data with a folder holding train.jsonl or a .jsonl file")
     labels = args.labels.split(",") if args.labels else read_labels(path if path.is_dir() else path.parent)
     rows = read_classification_jsonl(path, labels) if path.is_file() else load_split(path, args.split, labels)
     counts = collections.Counter(labels[e.label] for e in rows)
@@ -24,15 +26,29 @@ def cmd_check(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="client", description="fedadapt client (a data owner)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
+def register_check(sub) -> None:
     c = sub.add_parser("check", help="validate a local data folder")
     c.add_argument("--data", required=True, help="folder with train.jsonl (+ labels.json), or a .jsonl file")
     c.add_argument("--split", default="train")
     c.add_argument("--labels", default="", help="comma-separated label names (default: labels.json)")
     c.set_defaults(func=cmd_check)
+
+
+# Each command group registers itself: "module:function(subparsers)". One line per group.
+COMMANDS = [
+    "client_node.cli:register_check",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    p = argparse.ArgumentParser(prog="client", description="fedadapt client (a data owner)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    for target in COMMANDS:
+        module, fn = target.split(":")
+        getattr(importlib.import_module(module), fn)(sub)
     return p
 
 

@@ -27,13 +27,27 @@ def cmd_status(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="coordinator", description="fedadapt coordinator (the model owner)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
+def register_status(sub) -> None:
     s = sub.add_parser("status", help="print a run's progress")
     s.add_argument("run_dir")
     s.set_defaults(func=cmd_status)
+
+
+# Each command group registers itself: "module:function(subparsers)". One line per group.
+COMMANDS = [
+    "coordinator.cli:register_status",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    p = argparse.ArgumentParser(prog="coordinator", description="fedadapt coordinator (the model owner)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    for target in COMMANDS:
+        module, fn = target.split(":")
+        getattr(importlib.import_module(module), fn)(sub)
     return p
 
 

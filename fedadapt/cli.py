@@ -15,10 +15,24 @@ err = Console(stderr=True)
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)], force=True,
+        handlers=[_handler(verbose)], force=True,
     )
-    for noisy in ("flwr", "ray", "urllib3", "httpx", "filelock", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _QuietLibraries(logging.Filter):
+    """Flower and Ray log chatty DEBUG/INFO lines through the root logger; keep their warnings only."""
+
+    PREFIXES = ("flwr", "ray", "urllib3", "httpx", "filelock", "datasets", "grpc")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith(self.PREFIXES)
+
+
+def _handler(verbose: bool) -> logging.Handler:
+    h = RichHandler(console=err, show_path=False, rich_tracebacks=False, level=logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        h.addFilter(_QuietLibraries())
+    return h
 
 
 def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -54,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# umbrella subcommand -> "module:main" (each takes the remaining argv)
 DELEGATES = {
     "coordinator": "coordinator.cli:main",
     "client": "client_node.cli:main",
