@@ -144,8 +144,7 @@ class Coordinator:
                         f"{fed.min_clients}: {outcome.rejected}"
                     )
                 t_merge = time.perf_counter()
-                merged = self.merger(outcome.accepted, cfg.merge)
-                global_state = self.method.apply_update(global_state, merged)
+                global_state = self.method.aggregate(r, global_state, outcome.accepted, self.merger, cfg.merge)
                 merge_s = time.perf_counter() - t_merge
                 ev = self._evaluate(global_state, progress, f"round {r}: evaluation")
                 rd.append_metrics({
@@ -191,7 +190,8 @@ class Coordinator:
                 continue
             raw = sum(t.numel() * 4 for t in delta.values())
             rec["compression_ratio"] = raw / max(len(env.payload), 1)
-            out.accepted.append(ClientUpdate(delta=delta, num_examples=env.num_examples, client=name))
+            out.accepted.append(ClientUpdate(delta=delta, num_examples=env.num_examples, client=name,
+                                             metrics=dict(env.metrics), extra=dict(env.extra)))
             records.append(rec)
         self.run_dir.append_metrics(*records)
         return out

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -13,6 +13,8 @@ class ClientUpdate:
     delta: dict[str, torch.Tensor]
     num_examples: int
     client: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # non-tensor results (e.g. DP-OPT prompt text)
 
 
 # merge(updates, merge_cfg) -> merged delta (same keys and shapes); the caller adds it to the global

@@ -26,6 +26,10 @@ class ServerMethod:
     def apply_update(self, global_state: dict[str, torch.Tensor], merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: global_state[k] + merged[k].to(global_state[k].dtype) for k in global_state}
 
+    def aggregate(self, round_no: int, global_state: dict[str, torch.Tensor], updates: list, merger, merge_cfg) -> dict[str, torch.Tensor]:
+        """Combine accepted client updates into the next global state (default: merge deltas, add)."""
+        return self.apply_update(global_state, merger(updates, merge_cfg))
+
     def round_extra(self, round_no: int) -> dict[str, Any]:
         """Plain values sent to every client with the round instruction."""
         return {}
