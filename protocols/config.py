@@ -114,13 +114,29 @@ class OffsiteConfig(_Section):
 
 
 class SFPromptConfig(_Section):
-    head_layers: int = Field(1, ge=1)
-    tail_layers: int = Field(1, ge=1)
+    head_layers: int = Field(1, ge=1)  # blocks on the data owner before the body (plus embeddings, prompt)
+    tail_layers: int = Field(1, ge=1)  # blocks on the data owner after the body (plus norm, label rows)
     prompt_tokens: int = Field(8, ge=1)
-    prune_keep: float = Field(0.5, gt=0, le=1)
-    local_loss_steps: int = Field(2, ge=0)
-    body_address: str = "127.0.0.1:0"  # port 0 = pick a free port (simulation)
+    prompt_init_text: str = "Read the text and answer with the right label."  # soft prompt init (its embeddings)
+    prune_keep: float = Field(0.5, gt=0, le=1)  # fraction of local examples kept for split training
+    prune_score: Literal["el2n", "loss"] = "el2n"  # how the local model scores examples (highest kept)
+    local_loss_steps: int = Field(2, ge=0)  # head → tail updates without the body, before pruning
+    split_epochs: float = Field(1.0, gt=0)  # passes over the kept examples through the body per round
+    max_split_steps: int = Field(0, ge=0)  # 0 = no cap on split steps per round
+    body_address: str = "127.0.0.1:0"  # where the body service listens; port 0 = pick a free port
+    advertise_address: str = ""  # what clients dial; "" = body_address with the bound port
     max_message_mb: int = Field(64, ge=1)
+    max_sessions: int = Field(16, ge=1)  # concurrent client streams the body serves
+    tls_cert: str = ""  # body service TLS certificate (PEM); with tls_key, the stream uses TLS
+    tls_key: str = ""
+    tls_ca: str = ""  # CA that signed tls_cert, sent to clients to verify it; "" = tls_cert itself
+    tls_server_name: str = ""  # name clients check in the certificate; "" = the address's host
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "SFPromptConfig":
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("sfprompt.tls_cert and sfprompt.tls_key go together: set both (TLS) or neither")
+        return self
 
 
 class DPOPTConfig(_Section):
