@@ -107,6 +107,12 @@ class Coordinator:
 
     # ------------------------------------------------------------------ the run
     def run(self, transport: Transport) -> list[dict]:
+        try:
+            return self._run(transport)
+        finally:
+            self.method.close()  # e.g. stop the SFPrompt body service, also when a round fails
+
+    def _run(self, transport: Transport) -> list[dict]:
         cfg, rd = self.cfg, self.run_dir
         done, global_state = rd.resume_point()
         if global_state is None:

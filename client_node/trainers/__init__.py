@@ -9,6 +9,8 @@ from .base import TrainContext, Trainer, TrainerRefused, TrainResult
 # name -> "module:function"; imported lazily so a node only loads what its run uses
 _TRAINERS: dict[str, str] = {
     "lora": "client_node.trainers.lora:train_lora",
+    "offsite": "client_node.trainers.offsite:train_offsite",
+    "sfprompt": "client_node.trainers.sfprompt:train_sfprompt",
 }
 
 

@@ -9,6 +9,8 @@ from .base import ServerMethod
 _METHODS: dict[str, str] = {
     "lora": "coordinator.methods.lora:LoraServerMethod",
     "lora-dp": "coordinator.methods.lora:LoraServerMethod",
+    "offsite": "coordinator.methods.offsite:OffsiteServerMethod",
+    "sfprompt": "coordinator.methods.sfprompt:SFPromptServerMethod",
 }
 
 
