@@ -5,10 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Codec, CodecError
+from .compeft import CompeftCodec
+from .fp16 import Fp16Codec
+from .int8 import Int8Codec
 from .none import NoneCodec
 
 CODECS: dict[str, type[Codec]] = {
     NoneCodec.name: NoneCodec,
+    Fp16Codec.name: Fp16Codec,
+    Int8Codec.name: Int8Codec,
+    CompeftCodec.name: CompeftCodec,
 }
 
 

@@ -122,6 +122,13 @@ def check_expected(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[i
             raise CodecError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(expected[name])}")
 
 
+class _ShapeOnly:
+    """Stands in for a tensor in ``check_expected`` when only the header's shape is known."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+
 def check_finite(tensors: dict[str, torch.Tensor]) -> None:
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
@@ -159,6 +166,15 @@ class Codec:
             raise CodecError(f"update was encoded with codec {container.codec!r}, but this run uses {self.name!r}")
         if container.codec_version != self.version:
             raise CodecError(f"codec {self.name} version {container.codec_version} is not supported (expected {self.version})")
+        # Shapes are checked before the body is expanded: a sparse codec's few bytes can describe a huge
+        # tensor, so a hostile header must not make the coordinator allocate it.
+        check_expected({t.name: _ShapeOnly(t.shape) for t in container.tensors}, expected)
+        decoded_bytes = sum(t.numel for t in container.tensors) * 4
+        if decoded_bytes > max_bytes:
+            raise CodecError(
+                f"update would decode to {decoded_bytes} bytes, over the limit of {max_bytes}: "
+                "raise compression.max_update_bytes if it is legitimate"
+            )
         try:
             tensors = self.decode_body(container)
         except CodecError:
@@ -175,3 +191,33 @@ def spec_of(name: str, t: torch.Tensor) -> TensorSpec:
     if dtype is None:
         raise CodecError(f"tensor {name!r} has dtype {t.dtype}; only float tensors can be sent")
     return TensorSpec(name, tuple(t.shape), dtype)
+
+
+class BodyReader:
+    """Reads a codec body front to back; every read is bounds-checked so corrupt bodies raise, never crash."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.offset = 0
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.offset + n > len(self.body):
+            raise CodecError(f"update body truncated while reading {what}")
+        out = self.body[self.offset : self.offset + n]
+        self.offset += n
+        return out
+
+    def array(self, dtype, count: int, what: str):
+        import numpy as np
+
+        dt = np.dtype(dtype)
+        return np.frombuffer(self.take(count * dt.itemsize, what), dtype=dt, count=count)
+
+    def finish(self) -> None:
+        if self.offset != len(self.body):
+            raise CodecError(f"update body has {len(self.body) - self.offset} trailing bytes")
+
+
+def float_bytes(t: torch.Tensor) -> "object":
+    """A tensor as a contiguous float32 numpy array (bf16/fp16 widened), for codecs that compute in fp32."""
+    return t.detach().to(torch.float32).contiguous().cpu().numpy().reshape(-1)
