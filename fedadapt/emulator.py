@@ -282,3 +282,32 @@ def unique_decoder_params(model) -> int:
                 seen.add(id(p))
                 n += p.numel()
     return n
+
+
+# ---------------------------------------------------------------------------- LoRA on the adapter layers
+
+
+def wrap_lora(model, plan: EmulatorPlan, lora_cfg, *, on: str, seed: int = 0):
+    """peft LoRA restricted to the adapter layers (``on`` = "full" or "emulator" picks their indices)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    layers = [f if on == "full" else plan.emulator_index(f) for f in plan.adapter_full_indices]
+    cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                     target_modules=list(lora_cfg.target_modules), layers_to_transform=layers, layers_pattern="layers")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, cfg)
+
+
+def lora_state(peft_model, plan: EmulatorPlan, *, on: str) -> dict[str, torch.Tensor]:
+    """The LoRA tensors under peft's names with full-model layer indices."""
+    from .adapters import adapter_state
+
+    state = adapter_state(peft_model)
+    return state if on == "full" else rename_layers(state, plan.full_index)
+
+
+def load_lora_state(peft_model, plan: EmulatorPlan, state: Mapping[str, torch.Tensor], *, on: str) -> None:
+    from .adapters import load_adapter_state
+
+    load_adapter_state(peft_model, dict(state) if on == "full" else rename_layers(state, plan.emulator_index))

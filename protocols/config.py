@@ -58,6 +58,14 @@ class FederationConfig(_Section):
     min_clients: int = Field(1, ge=1)  # a round needs at least this many replies
     round_timeout_s: float = Field(900.0, gt=0)
     wait_for_clients_s: float = Field(300.0, gt=0)
+    # Deployment (`coordinator serve`); the simulation ignores these.
+    host: str = "127.0.0.1"  # where the SuperLink listens; "0.0.0.0" to accept other machines
+    port: int = Field(9092, ge=1, le=65535)  # the SuperLink's one HTTP port (Fleet, Control, Runtime APIs)
+    attach: str = ""  # "host:port" of a SuperLink already running: submit there, start none
+    certs_dir: str = ""  # ca.crt, server.pem, server.key from `coordinator certs`
+    authorized_keys: str = ""  # a .pub file or a folder of them: the only data owners allowed to join
+    insecure: bool = False  # no TLS, no node authentication (local experiments only)
+    startup_timeout_s: float = Field(60.0, gt=0)  # SuperLink start / registration
 
 
 class TrainConfig(_Section):
@@ -116,6 +124,8 @@ class OffsiteConfig(_Section):
     massive_factor: float = Field(5.0, gt=1)  # CKA ignores tokens whose norm exceeds this x the median
     distill_lr: float = Field(1e-4, gt=0)
     distill_batch_size: int = Field(8, ge=1)
+    # the emulator rides on the coordinator's first round (nodes cache it by SHA-256), or on every round
+    send_emulator: Literal["first-round", "every-round"] = "first-round"
 
 
 class SFPromptConfig(_Section):

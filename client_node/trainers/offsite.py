@@ -1,0 +1,121 @@
+"""`offsite`: train the adapter layers on the model owner's emulator, never on the full model.
+
+The emulator arrives with the round instruction (``extra["emulator_payload"]``, safetensors bytes,
+content-addressed by ``extra["emulator_sha256"]``) and is cached on this node by hash, so later
+rounds carry only the hash. The global state is the adapter layers' weights (``offsite.use_lora =
+false``) or LoRA tensors on them (``true``), always named by full-model layer index; the update is
+the delta against it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fedadapt.emulator import (
+    EmulatorError, EmulatorPlan, adapter_layer_state, adapter_parameters, build_emulator_model, decode_emulator,
+    load_adapter_layers, load_lora_state, lora_state, wrap_lora,
+)
+from fedadapt.models import load_tokenizer
+from fedadapt.paths import atomic_write_bytes, home
+from fedadapt.task import VerbalizerTask, batches
+
+from .base import TrainContext, TrainResult
+from .lora import local_generator
+
+# Emulators built in this process, by (sha256, mode): Ray actors and SuperNode processes stay alive.
+_CACHE: dict[tuple[str, str], tuple[object, EmulatorPlan]] = {}
+
+
+def received_dir() -> Path:
+    return home() / "emulators" / "received"
+
+
+def receive_emulator(extra: dict) -> tuple[dict, EmulatorPlan, dict, int]:
+    """(tensors, plan, model config, bytes received this round): from the instruction, else the node's cache."""
+    sha = str(extra.get("emulator_sha256", ""))
+    if not sha:
+        raise EmulatorError("the round instruction names no emulator (emulator_sha256): coordinator and client versions differ")
+    payload = extra.get("emulator_payload")
+    path = received_dir() / f"{sha}.safetensors"
+    if payload:
+        tensors, plan, config = decode_emulator(payload, expected_sha256=sha)
+        if not path.is_file():
+            atomic_write_bytes(path, bytes(payload))
+        return tensors, plan, config, len(payload)
+    if path.is_file():
+        return (*decode_emulator(path.read_bytes(), expected_sha256=sha), 0)
+    raise EmulatorError(
+        f"this node has no copy of emulator {sha[:12]} and the round did not carry it: set offsite.send_emulator = "
+        "\"every-round\" or restart the run so its first round sends it"
+    )
+
+
+def emulator_for(ctx: TrainContext) -> tuple[object, EmulatorPlan, int]:
+    cfg = ctx.cfg
+    mode = "lora:" + cfg.lora.model_dump_json() if cfg.offsite.use_lora else "layers"
+    key = (str(ctx.extra.get("emulator_sha256", "")), mode)
+    if key in _CACHE:
+        if ctx.extra.get("emulator_payload"):  # still keep the node's disk copy current
+            receive_emulator(ctx.extra)
+        return (*_CACHE[key], 0)
+    tensors, plan, config, received = receive_emulator(ctx.extra)
+    has_adapter_layers = any(k.startswith("model.layers.") for k in tensors)
+    model = build_emulator_model(tensors, plan, config)
+    del tensors
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.offsite.use_lora:
+        if not has_adapter_layers:
+            raise EmulatorError("offsite.use_lora needs the frozen adapter layers in the emulator: the coordinator built it without them")
+        model = wrap_lora(model, plan, cfg.lora, on="emulator", seed=cfg.seed)
+    _CACHE[key] = (model, plan)
+    return model, plan, received
+
+
+def train_steps(model, params: list[torch.nn.Parameter], task: VerbalizerTask, examples, train_cfg,
+                generator: torch.Generator, on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
+    """AdamW on ``params`` with the verbalizer loss for ``train_cfg.local_steps`` batches."""
+    opt = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    model.train()
+    t0 = time.perf_counter()
+    losses, correct, seen = [], 0, 0
+    for step, chunk in enumerate(batches(examples, train_cfg.batch_size, train_cfg.local_steps, generator), 1):
+        inputs, labels = task.batch(chunk)
+        logits = task.label_logits(model, inputs)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        correct += (logits.argmax(-1) == labels).sum().item()
+        seen += len(chunk)
+        if on_step:
+            on_step(step, losses[-1])
+    model.eval()
+    seconds = time.perf_counter() - t0
+    return {"train_loss": sum(losses) / len(losses), "train_accuracy": correct / max(seen, 1), "train_seconds": seconds,
+            "step_seconds": seconds / len(losses), "steps": float(len(losses)), "examples_seen": float(seen)}
+
+
+def train_offsite(ctx: TrainContext) -> TrainResult:
+    cfg = ctx.cfg
+    model, plan, received = emulator_for(ctx)
+    if cfg.offsite.use_lora:
+        load_lora_state(model, plan, ctx.global_state, on="emulator")
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        load_adapter_layers(model, plan, ctx.global_state, on="emulator")
+        live = adapter_parameters(model, plan, on="emulator")
+        for p in live.values():
+            p.requires_grad_(True)
+        params = list(live.values())
+    task = VerbalizerTask.from_config(load_tokenizer(cfg.model), ctx.labels, cfg.data)
+    metrics = train_steps(model, params, task, ctx.examples, cfg.train, local_generator(ctx), ctx.on_step)
+    after = lora_state(model, plan, on="emulator") if cfg.offsite.use_lora else adapter_layer_state(model, plan, on="emulator")
+    delta = {k: after[k] - ctx.global_state[k].to(after[k].dtype) for k in ctx.global_state}
+    metrics.update(emulator_bytes_received=float(received), trainable_params=float(sum(p.numel() for p in params)))
+    return TrainResult(update=delta, num_examples=len(ctx.examples), metrics=metrics)
