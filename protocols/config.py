@@ -96,7 +96,8 @@ class MergeConfig(_Section):
     scaling: float = Field(1.0, gt=0)  # task arithmetic lambda (also applied by ties/dare/pcb)
     density: float = Field(0.2, gt=0, le=1)  # ties/dare-ties: fraction kept (trim) / 1 - drop rate
     pcb_ratio: float = Field(0.1, gt=0, le=1)  # pcb: fraction kept after balancing
-    lora_space: Literal["per-matrix", "product"] = "per-matrix"
+    lora_space: Literal["per-matrix", "product"] = "per-matrix"  # see coordinator/mergers/lora_space.py
+    seed: int = 0  # dare-ties: seeds the drop masks (with client, tensor name and content)
 
 
 class PrivacyConfig(_Section):

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from .base import ClientUpdate, Merger, example_weights
+from .dare import dare_ties
 from .fedavg import fedavg
+from .lora_space import merge_updates
+from .pcb import pcb
+from .task_arithmetic import task_arithmetic
+from .ties import ties
 
 MERGERS: dict[str, Merger] = {
     "fedavg": fedavg,
+    "task-arithmetic": task_arithmetic,
+    "ties": ties,
+    "dare-ties": dare_ties,
+    "pcb": pcb,
 }
 
 
@@ -16,4 +25,4 @@ def get_merger(name: str) -> Merger:
     return MERGERS[name]
 
 
-__all__ = ["MERGERS", "ClientUpdate", "Merger", "example_weights", "get_merger"]
+__all__ = ["MERGERS", "ClientUpdate", "Merger", "example_weights", "get_merger", "merge_updates"]

@@ -28,7 +28,9 @@ class ServerMethod:
 
     def aggregate(self, round_no: int, global_state: dict[str, torch.Tensor], updates: list, merger, merge_cfg) -> dict[str, torch.Tensor]:
         """Combine accepted client updates into the next global state (default: merge deltas, add)."""
-        return self.apply_update(global_state, merger(updates, merge_cfg))
+        from coordinator.mergers import merge_updates  # merge.lora_space decides A/B vs ΔW = BA
+
+        return self.apply_update(global_state, merge_updates(merger, updates, merge_cfg, global_state))
 
     def round_extra(self, round_no: int) -> dict[str, Any]:
         """Plain values sent to every client with the round instruction."""
