@@ -250,9 +250,18 @@ def start_body_server(split, cfg) -> BodyServer:
         prompt_tokens=s.prompt_tokens, max_message_bytes=s.max_message_mb * 1024 * 1024,
     )
     tls = None
+    certs_dir = str(getattr(cfg.federation, "certs_dir", "") or "")
     if s.tls_cert:
         tls = TLSFiles(Path(s.tls_cert).expanduser(), Path(s.tls_key).expanduser(),
                        Path(s.tls_ca).expanduser() if s.tls_ca else None)
+    elif certs_dir:
+        # `coordinator serve --certs DIR` (files from `coordinator certs`): the body uses the same
+        # server certificate as the SuperLink, and clients verify it against the same CA
+        d = Path(certs_dir).expanduser()
+        tls = TLSFiles(d / "server.pem", d / "server.key", d / "ca.crt")
+    if tls is None and s.body_address.rpartition(":")[0] not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+        log.warning("the SFPrompt body service listens on %s without TLS: activations and gradients travel in the clear; "
+                    "set sfprompt.tls_cert/tls_key or start with `coordinator serve --certs DIR`", s.body_address)
     server = BodyServer(BodyServicer(split, rules), max_sessions=s.max_sessions, tls=tls)
     server.start(s.body_address)
     return server

@@ -67,7 +67,7 @@ def test_round_proceeds_without_the_client_whose_stream_broke(tiny_cfg):
     ok = [c for c in clients if c["status"] == "ok"]
     broken = [c for c in clients if c["status"] == "error"]
     assert len(ok) == 1 and len(broken) == 1
-    assert "broke off mid-round" in broken[0]["reason"] or "ended the session" in broken[0]["reason"]
+    assert "broke off mid-round" in broken[0]["reason"]
     assert rd.state()["status"] == "done"
     glob = load_file(rd.path / rd.state()["checkpoint"])
     assert not torch.equal(glob[PROMPT_KEY], before[PROMPT_KEY])  # the surviving client's update was applied
