@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -37,7 +39,9 @@ def handle_round(instr: RoundInstruction, node_config: dict, state: dict[str, to
             cfg=cfg, round=instr.round, global_state=global_state, examples=examples, labels=labels,
             client_name=client_name, state=state, ledger_dir=ledger_dir, extra=dict(instr.extra),
         )
-        result = trainer(ctx)
+        with local_progress(client_name, instr.round, cfg.train.local_steps) as on_step:
+            ctx.on_step = on_step
+            result = trainer(ctx)
         if result.status != "ok":
             return UpdateEnvelope(status=result.status, reason=result.reason, client_name=client_name,
                                   metrics=result.metrics, extra=result.extra)
@@ -59,6 +63,34 @@ def handle_round(instr: RoundInstruction, node_config: dict, state: dict[str, to
     except (ConfigError, DataError, CodecError) as e:
         log.error("%s cannot train round %d: %s", client_name or "client", instr.round, e)
         return UpdateEnvelope(status="error", reason=str(e), client_name=client_name)
+
+
+@contextlib.contextmanager
+def local_progress(client_name: str, round_no: int, steps: int):
+    """A rich bar for local steps on a terminal (a SuperNode in a shell); otherwise one summary log line
+    (simulation actors forward logs to the driver, where a live bar would interleave)."""
+    t0 = time.perf_counter()
+    last = {"step": 0, "loss": float("nan")}
+    if sys.stderr.isatty():
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task(f"{client_name} round {round_no}: local steps", total=steps)
+
+            def on_step(step: int, loss: float) -> None:
+                last.update(step=step, loss=loss)
+                bar.update(task, completed=step, description=f"{client_name} round {round_no}: loss {loss:.3f}")
+
+            yield on_step
+    else:
+        def on_step(step: int, loss: float) -> None:
+            last.update(step=step, loss=loss)
+
+        yield on_step
+    if last["step"]:
+        dt = time.perf_counter() - t0
+        log.info("%s round %d: %d local steps, last loss %.4f, %.2f s/step", client_name, round_no, last["step"],
+                 last["loss"], dt / last["step"])
 
 
 def _ledger_dir(instr: RoundInstruction, node_config: dict, cfg) -> Path:

@@ -4,6 +4,7 @@ Both the coordinator and the client nodes use these; neither imports the other.
 """
 
 import os
+import warnings
 
 # No hub is reachable and none may be asked: every model and dataset is local.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,5 +12,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# transformers/opacus deprecation chatter is not actionable for users of fedadapt
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 __version__ = "0.1.0"
