@@ -8,6 +8,7 @@ from flwr.clientapp import ClientApp
 
 from protocols.messages import RoundInstruction
 
+from .faults import apply_fault
 from .node import handle_round
 
 INSTRUCTION = "instruction"
@@ -22,6 +23,7 @@ def train(msg: Message, context: Context) -> Message:
     instr = RoundInstruction.from_record(dict(msg.content[INSTRUCTION]))
     state = context.state[STATE].to_torch_state_dict() if STATE in context.state else {}
     envelope = handle_round(instr, dict(context.node_config), state)
+    envelope = apply_fault(envelope, dict(context.node_config))  # only with `client join --fault` (drills)
     if state:
         context.state[STATE] = ArrayRecord(torch_state_dict=state)
     return Message(RecordDict({UPDATE: ConfigRecord(envelope.to_record())}), reply_to=msg)

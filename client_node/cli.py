@@ -37,6 +37,7 @@ def register_check(sub) -> None:
 # Each command group registers itself: "module:function(subparsers)". One line per group.
 COMMANDS = [
     "client_node.cli:register_check",
+    "client_node.join:register_join",
 ]
 
 

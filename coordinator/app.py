@@ -10,6 +10,7 @@ import fedadapt  # noqa: F401  (offline environment first)
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedadapt.paths import file_lock
 from protocols.config import config_from_json, load_config
 from protocols.messages import MessageError, RoundInstruction, UpdateEnvelope
 
@@ -84,8 +85,23 @@ def make_server_app(cfg, run_dir: RunDir, *, is_simulation: bool = True) -> Serv
     return app
 
 
-# Deployment: `flwr run` / the coordinator CLI passes the config through the run config.
+# Deployment: `coordinator serve` submits this app with `flwr run`; the run config carries the config
+# (a JSON/TOML path or inline JSON) and, always from `coordinator serve`, the run directory it prepared.
 app = ServerApp()
+
+
+def _config_from_run_config(text: str):
+    from pathlib import Path
+
+    stripped = text.lstrip()
+    if stripped.startswith("{"):
+        return config_from_json(stripped)
+    path = Path(text).expanduser()
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise SystemExit(f"fedadapt-config {path} not found: start runs with `coordinator serve --config run.toml`")
+        return config_from_json(path.read_text())
+    return load_config(path)
 
 
 @app.main()
@@ -94,7 +110,10 @@ def main(grid: Grid, context: Context) -> None:
     text = str(rc.get("fedadapt-config", ""))
     if not text:
         raise SystemExit("run config key 'fedadapt-config' is empty: start runs with `coordinator serve --config run.toml`")
-    cfg = config_from_json(text) if text.lstrip().startswith("{") else load_config(text)
+    cfg = _config_from_run_config(text)
     run_dir_path = str(rc.get("fedadapt-run-dir", ""))
     run_dir = RunDir.open_existing(run_dir_path) if run_dir_path else RunDir.create(cfg)
-    run_coordinator(grid, cfg, run_dir, is_simulation=False)
+    # A ServerApp orphaned by a killed coordinator exits within seconds; a resumed one waits for it here
+    # so two never write the same run directory.
+    with file_lock(run_dir.path / "superlink" / "serverapp.lock"):
+        run_coordinator(grid, cfg, RunDir.open_existing(run_dir.path), is_simulation=False)

@@ -36,6 +36,8 @@ def register_status(sub) -> None:
 # Each command group registers itself: "module:function(subparsers)". One line per group.
 COMMANDS = [
     "coordinator.cli:register_status",
+    "coordinator.deploy:register_serve",
+    "coordinator.certs:register_certs",
 ]
 
 

@@ -66,6 +66,14 @@ class FederationConfig(_Section):
     authorized_keys: str = ""  # a .pub file or a folder of them: the only data owners allowed to join
     insecure: bool = False  # no TLS, no node authentication (local experiments only)
     startup_timeout_s: float = Field(60.0, gt=0)  # SuperLink start / registration
+    # Deployment (`coordinator serve`); the simulation ignores these.
+    host: str = "127.0.0.1"  # where the SuperLink listens; "0.0.0.0" to accept other machines
+    port: int = Field(9092, ge=1, le=65535)  # the SuperLink's one HTTP port (Fleet, Control, Runtime APIs)
+    attach: str = ""  # "host:port" of a SuperLink already running: submit there, start none
+    certs_dir: str = ""  # ca.crt, server.pem, server.key from `coordinator certs`
+    authorized_keys: str = ""  # a .pub file or a folder of them: the only data owners allowed to join
+    insecure: bool = False  # no TLS, no node authentication (local experiments only)
+    startup_timeout_s: float = Field(60.0, gt=0)  # SuperLink start / registration
 
 
 class TrainConfig(_Section):
