@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 DELEGATES = {
     "coordinator": "coordinator.cli:main",
     "client": "client_node.cli:main",
+    "merge": "coordinator.merge_cli:main",
 }
 
 
@@ -96,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    # A delegated group parses its own argv. argparse's REMAINDER refuses one that starts with an
+    # option (`fedadapt merge --method ties ...`), so such calls are handed over before parsing.
+    first = next((j for j, a in enumerate(argv) if not a.startswith("-")), None)
+    if first is not None and argv[first] in DELEGATES and set(argv[:first]) <= {"-v", "--verbose"}:
+        setup_logging(bool(argv[:first]))
+        module, fn = DELEGATES[argv[first]].split(":")
+        return getattr(importlib.import_module(module), fn)(argv[first + 1 :])
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
