@@ -213,7 +213,7 @@ def cmd_join(args) -> int:
     old = interrupt_on_termination()
     try:
         return join(args.data, args.coordinator, name=args.name, insecure=args.insecure, root_cert=args.root_cert,
-                    key=args.key, port=args.port, fault=args.fault)
+                    key=args.key, port=args.port, fault=args.fault, refusal_grace_s=args.refused_after)
     except (JoinError, ProcessError) as e:
         err.print(f"[bold red]error:[/] {e}")
         return 2
@@ -236,5 +236,7 @@ def register_join(sub) -> None:
     j.add_argument("--insecure", action="store_true", help="no TLS (local experiments only)")
     j.add_argument("--name", default="", help="this data owner's name in the coordinator's metrics (default: data folder name)")
     j.add_argument("--port", type=int, default=0, help="local port for the SuperNode's ClientApp API (default: any free port)")
+    j.add_argument("--refused-after", type=float, default=60.0, metavar="SECONDS",
+                   help="give up once the coordinator has refused this node this long (default 60)")
     j.add_argument("--fault", default="", help="fault drill: corrupt-update or truncated-update (the coordinator must refuse it)")
     j.set_defaults(func=cmd_join)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -123,8 +123,8 @@ def tls_files(certs_dir: str | Path) -> TlsFiles:
         raise CertError(f"certificates in {d} cannot be read ({e}): recreate them with `coordinator certs --out {d} --force`") from None
     try:
         server.verify_directly_issued_by(ca)
-    except (ValueError, TypeError) as e:
-        raise CertError(f"{files.server_cert} is not signed by {files.ca_cert} ({e}): recreate both with `coordinator certs`") from None
+    except (ValueError, TypeError, InvalidSignature) as e:
+        raise CertError(f"{files.server_cert} is not signed by {files.ca_cert} ({type(e).__name__}): recreate both with `coordinator certs`") from None
     if key.public_key().public_numbers() != server.public_key().public_numbers():  # type: ignore[union-attr]
         raise CertError(f"{files.server_key} does not belong to {files.server_cert}: recreate both with `coordinator certs`")
     now = datetime.datetime.now(datetime.timezone.utc)

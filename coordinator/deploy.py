@@ -186,6 +186,7 @@ def prepare_run(cfg: RunConfig | None, resume: str | None, overrides: list[str])
         return cfg, rd
     assert cfg is not None
     cfg = resolve_paths(cfg)
+    resolve_security(cfg.federation)  # refuse bad security settings before a run directory exists
     return cfg, RunDir.create(cfg)
 
 
