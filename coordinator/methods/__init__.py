@@ -11,6 +11,7 @@ _METHODS: dict[str, str] = {
     "lora-dp": "coordinator.methods.lora:LoraServerMethod",
     "offsite": "coordinator.methods.offsite:OffsiteServerMethod",
     "sfprompt": "coordinator.methods.sfprompt:SFPromptServerMethod",
+    "dpopt": "coordinator.methods.dpopt:DpoptServerMethod",
 }
 
 
