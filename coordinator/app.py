@@ -11,6 +11,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedadapt.paths import file_lock
+from fedadapt.processes import exit_with_parent
 from protocols.config import config_from_json, load_config
 from protocols.messages import MessageError, RoundInstruction, UpdateEnvelope
 
@@ -106,6 +107,7 @@ def _config_from_run_config(text: str):
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    exit_with_parent()  # a killed coordinator must not leave this process writing its run directory
     rc = dict(context.run_config)
     text = str(rc.get("fedadapt-config", ""))
     if not text:

@@ -200,3 +200,20 @@ def restore_handlers(old: dict[int, object]) -> None:
     for s, h in old.items():
         signal.signal(s, h)  # type: ignore[arg-type]
 
+
+def exit_with_parent(poll_s: float = 0.5) -> None:
+    """Exit this process at once when its parent goes away.
+
+    Flower's own parent monitor sends SIGINT, whose handler then retries talking to the dead SuperLink
+    for a long time; a process holding a run directory must not linger like that (writes there are
+    atomic, so a hard exit loses nothing that was committed)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(70)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
