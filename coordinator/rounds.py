@@ -23,6 +23,8 @@ from protocols.codecs import CodecError, codec_from_config, get_codec
 from protocols.config import RunConfig
 from protocols.messages import RoundInstruction, UpdateEnvelope
 
+from privacy.ledger import BudgetExceeded
+
 from .mergers import ClientUpdate, get_merger
 from .methods import get_server_method
 from .run_dir import RunDir
@@ -84,6 +86,11 @@ class Coordinator:
         self.method = get_server_method(cfg.trainer)(cfg, self.labels)
         self.codec = codec_from_config(cfg)
         self.merger = get_merger(cfg.merger)
+        self.client_dp = None
+        if cfg.privacy.client_level:  # client-level DP replaces the merger; its ledger is in run_dir/privacy
+            from privacy.mechanisms.gaussian import ClientLevelDP
+
+            self.client_dp = ClientLevelDP(cfg.privacy, cfg.rounds, run_dir.path / "privacy")
         self.cfg_json = cfg.model_dump_json()
 
     # ------------------------------------------------------------------ pieces
@@ -150,7 +157,14 @@ class Coordinator:
                         f"{fed.min_clients}: {outcome.rejected}"
                     )
                 t_merge = time.perf_counter()
-                global_state = self.method.aggregate(r, global_state, outcome.accepted, self.merger, cfg.merge)
+                merger = self.merger
+                if self.client_dp is not None:
+                    merger = self.client_dp.merger_for_round(r, len(chosen), len(nodes))
+                try:
+                    global_state = self.method.aggregate(r, global_state, outcome.accepted, merger, cfg.merge)
+                except BudgetExceeded as e:
+                    rd.mark("failed", reason=str(e))
+                    raise RoundFailed(f"round {r}: client-level privacy budget spent: {e}") from None
                 merge_s = time.perf_counter() - t_merge
                 ev = self._evaluate(global_state, progress, f"round {r}: evaluation")
                 rd.append_metrics({

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 DELEGATES = {
     "coordinator": "coordinator.cli:main",
     "client": "client_node.cli:main",
+    "privacy": "privacy.cli:main",
     "merge": "coordinator.merge_cli:main",
 }
 

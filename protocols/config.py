@@ -115,9 +115,11 @@ class PrivacyConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     accountant: Literal["rdp", "prv", "pld"] = "rdp"
     grad_sample_mode: Literal["hooks", "ghost", "functorch"] = "hooks"
-    client_level: bool = False
-    client_noise_multiplier: float = Field(1.0, ge=0)
-    client_clip_norm: float = Field(1.0, gt=0)
+    client_level: bool = False  # client-level DP at the coordinator (clip each update, noise the merge)
+    client_noise_multiplier: float = Field(1.0, ge=0)  # z; ignored when client_target_epsilon > 0
+    client_clip_norm: float = Field(1.0, gt=0)  # C: L2 bound on one data owner's whole update
+    client_target_epsilon: float = Field(0.0, ge=0)  # > 0: calibrate z for this client-level ε over all rounds
+    client_delta: float = Field(0.0, ge=0, lt=1)  # 0 = 1 / (10 * number of data owners)
 
 
 class OffsiteConfig(_Section):
@@ -221,6 +223,10 @@ class RunConfig(_Section):
             raise ValueError("data.label_words needs one word per entry of data.labels")
         if self.trainer == "lora-dp" and self.privacy.mode != "dp-sgd":
             self.privacy.mode = "dp-sgd"
+        if self.privacy.mode == "dp-sgd" and self.trainer == "lora":
+            self.trainer = "lora-dp"  # [privacy] mode = "dp-sgd" is how a user asks for DP LoRA
+        elif self.privacy.mode == "dp-sgd" and self.trainer != "lora-dp":
+            raise ValueError(f"privacy.mode='dp-sgd' needs trainer 'lora' or 'lora-dp', not {self.trainer!r}")
         return self
 
     def to_json(self) -> str:
