@@ -23,7 +23,7 @@ def cmd_report(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print_report(report, Console())
+        print_report(report, Console(width=max(Console().width, 160)))
         err.print(f"wrote {json_path} and {png}")
     return 0
 
