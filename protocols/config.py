@@ -66,14 +66,6 @@ class FederationConfig(_Section):
     authorized_keys: str = ""  # a .pub file or a folder of them: the only data owners allowed to join
     insecure: bool = False  # no TLS, no node authentication (local experiments only)
     startup_timeout_s: float = Field(60.0, gt=0)  # SuperLink start / registration
-    # Deployment (`coordinator serve`); the simulation ignores these.
-    host: str = "127.0.0.1"  # where the SuperLink listens; "0.0.0.0" to accept other machines
-    port: int = Field(9092, ge=1, le=65535)  # the SuperLink's one HTTP port (Fleet, Control, Runtime APIs)
-    attach: str = ""  # "host:port" of a SuperLink already running: submit there, start none
-    certs_dir: str = ""  # ca.crt, server.pem, server.key from `coordinator certs`
-    authorized_keys: str = ""  # a .pub file or a folder of them: the only data owners allowed to join
-    insecure: bool = False  # no TLS, no node authentication (local experiments only)
-    startup_timeout_s: float = Field(60.0, gt=0)  # SuperLink start / registration
 
 
 class TrainConfig(_Section):
@@ -144,6 +136,7 @@ class SFPromptConfig(_Section):
     tail_layers: int = Field(1, ge=1)  # blocks on the data owner after the body (plus norm, label rows)
     prompt_tokens: int = Field(8, ge=1)
     prompt_init_text: str = "Read the text and answer with the right label."  # soft prompt init (its embeddings)
+    prompt_lr: float = Field(0.0, ge=0)  # the soft prompt's learning rate; 0 = train.lr (the tail's)
     prune_keep: float = Field(0.5, gt=0, le=1)  # fraction of local examples kept for split training
     prune_score: Literal["el2n", "loss"] = "el2n"  # how the local model scores examples (highest kept)
     local_loss_steps: int = Field(2, ge=0)  # head → tail updates without the body, before pruning

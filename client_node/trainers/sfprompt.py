@@ -198,14 +198,18 @@ def train_sfprompt(ctx: TrainContext) -> TrainResult:
         return TrainResult(update={}, num_examples=0, status="error", reason=str(e))
     prompt = torch.nn.Parameter(ctx.global_state[PROMPT_KEY].clone().float())
     tail = split.tail_parameters()
-    opt = torch.optim.AdamW([prompt, *tail.values()], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    # prompts usually want a far larger step than pretrained weights (Lester et al. 2021): two groups
+    opt = torch.optim.AdamW([
+        {"params": [prompt], "lr": s.prompt_lr or cfg.train.lr, "weight_decay": 0.0},
+        {"params": list(tail.values()), "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay},
+    ])
     gen = local_generator(ctx)
     bs = cfg.train.batch_size
     n_labels = len(task.label_token_ids)
-    flops = {"client": 0, "full": 0}
+    flops = {"client": 0, "full": 0, "full_epoch": 0}
     t0 = time.perf_counter()
 
-    def count(inputs, *, train: bool, with_body: bool) -> None:
+    def count(inputs, *, train: bool) -> None:
         parts = split.flops(inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + s.prompt_tokens, n_labels)
         if train:
             flops["client"] += client_step_flops(parts)
@@ -224,13 +228,19 @@ def train_sfprompt(ctx: TrainContext) -> TrainResult:
         opt.step()
         opt.zero_grad(set_to_none=True)
         local_losses.append(loss.item())
-        count(inputs, train=True, with_body=False)
+        count(inputs, train=True)
+
+    # the yardstick: fine-tuning the whole model for one epoch over all local examples
+    for start in range(0, len(ctx.examples), bs):
+        inputs = task.encode([e.text for e in ctx.examples[start : start + bs]])
+        parts = split.flops(inputs["input_ids"].shape[0], inputs["input_ids"].shape[1], n_labels)
+        flops["full_epoch"] += full_finetune_step_flops(parts)
 
     # 2. pruning with the (just updated) local model
     if s.prune_keep < 1.0:
         scores = example_scores(split, task, prompt.detach(), ctx.examples, score=s.prune_score, batch_size=cfg.train.eval_batch_size)
         for start in range(0, len(ctx.examples), cfg.train.eval_batch_size):
-            count(task.encode([e.text for e in ctx.examples[start : start + cfg.train.eval_batch_size]]), train=False, with_body=False)
+            count(task.encode([e.text for e in ctx.examples[start : start + cfg.train.eval_batch_size]]), train=False)
         kept = [ctx.examples[i] for i in prune_indices(scores, s.prune_keep)]
     else:
         kept = list(ctx.examples)
@@ -259,7 +269,7 @@ def train_sfprompt(ctx: TrainContext) -> TrainResult:
             losses.append(loss.item())
             correct += (logits.argmax(-1) == labels).sum().item()
             seen += len(chunk)
-            count(inputs, train=True, with_body=True)
+            count(inputs, train=True)
             if ctx.on_step:
                 ctx.on_step(step, losses[-1])
         closed = stream.close()
@@ -288,6 +298,7 @@ def train_sfprompt(ctx: TrainContext) -> TrainResult:
             "client_flops": float(flops["client"]),
             "full_finetune_flops": float(flops["full"]),
             "client_flops_ratio": flops["client"] / max(flops["full"], 1),
+            "full_finetune_epoch_flops": float(flops["full_epoch"]),
             "train_seconds": time.perf_counter() - t0,
         },
         extra={"body_session": stream.session_id},

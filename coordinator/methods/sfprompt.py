@@ -72,6 +72,7 @@ class SFPromptServerMethod(ServerMethod):
                 "split_bytes_down": m.get("split_bytes_down", 0.0), "split_steps": m.get("split_steps", 0.0),
                 "kept_examples": m.get("kept_examples", 0.0), "client_flops": m.get("client_flops", 0.0),
                 "full_finetune_flops": m.get("full_finetune_flops", 0.0),
+                "full_finetune_epoch_flops": m.get("full_finetune_epoch_flops", 0.0),
             })
         return super().aggregate(round_no, global_state, updates, merger, merge_cfg)
 
@@ -112,6 +113,7 @@ class SFPromptServerMethod(ServerMethod):
                 "body_bytes_sent": sum(s["bytes_sent"] for s in body),
                 "client_flops": client_flops, "full_finetune_flops": full,
                 "client_flops_ratio": client_flops / full if full else 0.0,
+                "full_finetune_epoch_flops": sum(x["full_finetune_epoch_flops"] for x in recs),
             })
         atomic_write_json(out / "accounting.json", {
             "body_address": self.address, "tls": bool(self.server.tls),
