@@ -14,6 +14,11 @@ from .codecs import CodecError, get_codec
 
 SPLIT_PROTOCOL_VERSION = 1
 
+# round-instruction extras the coordinator's sfprompt method sends and the client trainer reads
+BODY_ADDRESS_KEY = "sfprompt_body"  # host:port of the body service
+BODY_CA_KEY = "sfprompt_ca_pem"  # the certificate (chain) to trust, PEM; absent = plaintext
+BODY_NAME_KEY = "sfprompt_server_name"  # the name to check in the certificate, when not the host
+
 
 class SplitWireError(ValueError):
     """A stream message that cannot be used (one line: what is wrong and the fix)."""

@@ -8,7 +8,7 @@ import json
 import torch
 
 from client_node.node import handle_round
-from client_node.trainers.sfprompt import BODY_ADDRESS_KEY
+from protocols.split_wire import BODY_ADDRESS_KEY
 from coordinator.rounds import Coordinator
 from coordinator.run_dir import RunDir
 from coordinator.split_body import BodyServer, SessionRules

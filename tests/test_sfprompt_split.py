@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from client_node.trainers.base import TrainContext
 from client_node.trainers.sfprompt import (
-    BODY_ADDRESS_KEY, BodyStream, BodyStreamError, prune_indices, score_logits, train_sfprompt,
+    BodyStream, BodyStreamError, prune_indices, score_logits, train_sfprompt,
 )
 from coordinator.split_body import BodyServer, BodyServicer, SessionRules, TLSFiles
 from fedadapt.data import load_split, resolve_dataset_dir
@@ -20,7 +20,7 @@ from fedadapt.models import load_model
 from fedadapt.split_model import PROMPT_KEY, SplitError, SplitLlama
 from fedadapt.task import VerbalizerTask
 from protocols import split_pb2
-from protocols.split_wire import SplitWireError, pack_tensors, unpack_tensors
+from protocols.split_wire import BODY_ADDRESS_KEY, SplitWireError, pack_tensors, unpack_tensors
 
 LABELS = ["negative", "positive"]
 TEXTS = ["a moving, funny and smart film", "dull", "the plot wanders but the cast is great fun", "no"]
@@ -399,3 +399,26 @@ def test_certs_dir_of_coordinator_serve_turns_tls_on(tmp_path, tiny_cfg):
             s.shutdown()
     finally:
         server.stop(0)
+
+
+def test_trainer_over_tls_with_the_certificate_from_the_round_instruction(tmp_path, tiny_cfg, data_root):
+    from coordinator.methods.sfprompt import SFPromptServerMethod
+    from protocols.split_wire import BODY_CA_KEY
+
+    cert, key = _self_signed(tmp_path)
+    tiny_cfg.data.root = str(data_root)
+    ctx = _ctx(tiny_cfg, "", _examples(data_root, 16))
+    tiny_cfg.sfprompt = tiny_cfg.sfprompt.model_copy(update={"tls_cert": str(cert), "tls_key": str(key)})
+    method = SFPromptServerMethod(tiny_cfg, LABELS)
+    try:
+        extra = method.round_extra(1)
+        assert extra[BODY_CA_KEY].startswith("-----BEGIN CERTIFICATE-----")
+        ctx.extra.update(extra)
+        ctx.global_state = method.initial_global()
+        res = train_sfprompt(ctx)
+        assert res.status == "ok", res.reason
+        ctx.extra.pop(BODY_CA_KEY)  # a data owner that does not verify gets no session
+        res = train_sfprompt(ctx)
+        assert res.status == "error" and "unreachable or broke off" in res.reason
+    finally:
+        method.close()

@@ -34,15 +34,12 @@ from fedadapt.split_model import (
 from fedadapt.task import VerbalizerTask, batches
 from protocols import split_pb2, split_pb2_grpc
 from protocols.split_wire import (
-    SPLIT_PROTOCOL_VERSION, SplitWireError, check_size, grpc_message_options, pack_tensors, unpack_tensors,
+    BODY_ADDRESS_KEY, BODY_CA_KEY, BODY_NAME_KEY, SPLIT_PROTOCOL_VERSION, SplitWireError, check_size,
+    grpc_message_options, pack_tensors, unpack_tensors,
 )
 
 from .base import TrainContext, TrainResult
 from .lora import local_generator
-
-BODY_ADDRESS_KEY = "sfprompt_body"  # round-instruction extra: where the body service listens
-BODY_CA_KEY = "sfprompt_ca_pem"  # round-instruction extra: the certificate (chain) to trust, PEM
-BODY_NAME_KEY = "sfprompt_server_name"  # round-instruction extra: the name in the certificate
 
 
 class BodyStreamError(RuntimeError):
@@ -189,6 +186,10 @@ def train_sfprompt(ctx: TrainContext) -> TrainResult:
     if not address:
         return TrainResult(update={}, num_examples=0, status="error",
                            reason="the round instruction names no SFPrompt body service: run the coordinator with trainer = \"sfprompt\"")
+    missing = {PROMPT_KEY} - set(ctx.global_state)
+    if missing:
+        return TrainResult(update={}, num_examples=0, status="error",
+                           reason="the global state has no soft prompt: the coordinator runs another trainer than sfprompt")
     try:
         split, tok = split_model_for(cfg)
         task = VerbalizerTask.from_config(tok, ctx.labels, cfg.data)

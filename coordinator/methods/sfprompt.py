@@ -15,7 +15,6 @@ clients and the body counted them, client FLOPs vs full fine-tuning FLOPs).
 from __future__ import annotations
 
 import json
-import logging
 from collections import defaultdict
 
 import torch
@@ -25,16 +24,10 @@ from fedadapt.partitions import eval_examples
 from fedadapt.paths import atomic_write_json, atomic_write_text
 from fedadapt.split_model import PROMPT_KEY, SplitLlama
 from fedadapt.task import VerbalizerTask
+from protocols.split_wire import BODY_ADDRESS_KEY, BODY_CA_KEY, BODY_NAME_KEY
 
 from ..split_body import start_body_server
 from .base import ServerMethod
-
-log = logging.getLogger("fedadapt.coordinator")
-
-# the keys the client trainer reads from the round instruction (client_node/trainers/sfprompt.py)
-BODY_ADDRESS_KEY = "sfprompt_body"
-BODY_CA_KEY = "sfprompt_ca_pem"
-BODY_NAME_KEY = "sfprompt_server_name"
 
 
 class SFPromptServerMethod(ServerMethod):
