@@ -38,6 +38,7 @@ COMMANDS = [
     "coordinator.cli:register_status",
     "coordinator.deploy:register_serve",
     "coordinator.certs:register_certs",
+    "coordinator.emulators.cli:register_emulator",
     "privacy.cli:register_report",
 ]
 

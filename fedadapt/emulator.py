@@ -103,6 +103,15 @@ class EmulatorPlan:
             raise EmulatorError(f"emulator plan is malformed ({e}): rebuild it with `coordinator emulator build`") from None
 
 
+def middle_layers(full_layers: int, bottom: int, top: int) -> list[int]:
+    """The full model's middle layer indices; refuses adapter layers that leave none."""
+    if bottom < 0 or top < 0 or bottom + top >= full_layers:
+        raise EmulatorError(
+            f"adapter layers ({bottom}, {top}) leave no middle layers in a {full_layers}-layer model: lower offsite.adapter_layers"
+        )
+    return list(range(bottom, full_layers - top))
+
+
 # ---------------------------------------------------------------------------- names
 
 

@@ -197,15 +197,18 @@ def payload_tensors(emulator, plan: EmulatorPlan, *, include_adapters: bool) -> 
 # ---------------------------------------------------------------------------- build
 
 
-def build_emulator(spec: EmulatorSpec, full_model, tokenizer, *, progress=print) -> tuple[EmulatorBundle, LayerSimilarity | None]:
-    """Build an emulator from ``full_model`` (not cached; see ``cached_emulator``)."""
+def build_emulator(spec: EmulatorSpec, full_model, tokenizer, *, progress=print,
+                   similarity: LayerSimilarity | None = None) -> tuple[EmulatorBundle, LayerSimilarity | None]:
+    """Build an emulator from ``full_model`` (not cached; see ``cached_emulator``). ``similarity``:
+    a map already computed on the same calibration text (several emulators from one model)."""
     from fedadapt.emulator import emulator_tensors
 
     t0 = time.perf_counter()
     n_layers = full_model.config.num_hidden_layers
     texts = calibration_texts(spec.calibration, spec.calibration_examples, spec.data_root)
     batches = calibration_batches(tokenizer, texts, spec.max_length)
-    similarity = layer_similarity(full_model, batches, massive_factor=spec.massive_factor)
+    if similarity is None:
+        similarity = layer_similarity(full_model, batches, massive_factor=spec.massive_factor)
     plan = get_emulator_builder(spec.method)(n_layers, spec.bottom, spec.top, spec.keep,
                                               similarity=similarity.robust, share=spec.share)
     emulator = build_emulator_model(emulator_tensors(full_model, plan, include_adapters=True), plan,

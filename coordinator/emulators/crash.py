@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fedadapt.emulator import EmulatorError, EmulatorPlan
+from fedadapt.emulator import EmulatorError, EmulatorPlan, middle_layers
 
 
 def contiguous_clusters(similarity: torch.Tensor, k: int) -> list[list[int]]:
@@ -57,7 +57,9 @@ def plan_crash(full_layers: int, bottom: int, top: int, keep: int, similarity=No
     """``similarity``: the full model's layer-output similarity, (full_layers, full_layers)."""
     if similarity is None:
         raise EmulatorError("crash needs a layer similarity matrix: pass calibration text (offsite.calibration)")
-    middle = list(range(bottom, full_layers - top))
+    middle = middle_layers(full_layers, bottom, top)
+    if tuple(torch.as_tensor(similarity).shape) != (full_layers, full_layers):
+        raise EmulatorError(f"similarity map is {tuple(torch.as_tensor(similarity).shape)}, expected one row per layer ({full_layers})")
     sim = torch.as_tensor(similarity, dtype=torch.float64)[middle][:, middle]
     groups = contiguous_clusters(sim, keep)
     clusters = [[middle[i] for i in g] for g in groups]

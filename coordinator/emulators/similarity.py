@@ -32,16 +32,24 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(xy / (xx * yy))
 
 
-def cka_matrix(reps: list[torch.Tensor]) -> torch.Tensor:
+def cka_matrix(reps: list[torch.Tensor], *, max_tokens: int = 1024, seed: int = 0) -> torch.Tensor:
+    """Pairwise linear CKA of per-layer (tokens, features) matrices. At most ``max_tokens`` rows
+    (a seeded random subset, the same rows for every layer) keep the L^2 matmuls cheap on a CPU;
+    float32 products are accurate to ~1e-6 here, far below the differences that decide clusters."""
+    n_tok = reps[0].shape[0]
+    if n_tok > max_tokens:
+        rows = torch.randperm(n_tok, generator=torch.Generator().manual_seed(seed))[:max_tokens]
+        reps = [r[rows] for r in reps]
     n = len(reps)
     out = torch.eye(n, dtype=torch.float64)
-    # Gram-free form: precompute centred matrices once
-    cen = [r.to(torch.float64) - r.to(torch.float64).mean(0, keepdim=True) for r in reps]
-    self_norm = [torch.linalg.matrix_norm(c.T @ c) for c in cen]
+    cen = [r.float() - r.float().mean(0, keepdim=True) for r in reps]
+    # scale each layer to unit Frobenius norm first: CKA is scale-invariant and float32 then stays in range
+    cen = [c / c.norm().clamp_min(1e-30) for c in cen]
+    self_norm = [float(torch.linalg.matrix_norm(c.T @ c)) for c in cen]
     for i in range(n):
         for j in range(i + 1, n):
             den = self_norm[i] * self_norm[j]
-            v = float(torch.linalg.matrix_norm(cen[j].T @ cen[i]) ** 2 / den) if den > 0 else 0.0
+            v = float(torch.linalg.matrix_norm(cen[j].T @ cen[i]) ** 2) / den if den > 0 else 0.0
             out[i, j] = out[j, i] = v
     return out
 

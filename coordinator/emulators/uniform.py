@@ -6,11 +6,11 @@ builder signature and ignored (sharing is CRaSh's step).
 
 from __future__ import annotations
 
-from fedadapt.emulator import EmulatorError, EmulatorPlan
+from fedadapt.emulator import EmulatorError, EmulatorPlan, middle_layers
 
 
 def plan_uniform(full_layers: int, bottom: int, top: int, keep: int, similarity=None, share: bool = False) -> EmulatorPlan:
-    middle = list(range(bottom, full_layers - top))
+    middle = middle_layers(full_layers, bottom, top)
     if not 1 <= keep <= len(middle):
         raise EmulatorError(f"offsite.keep={keep} must be between 1 and the {len(middle)} middle layers")
     # group g covers middle[starts[g]:starts[g+1]]; its kept layer is the group's centre

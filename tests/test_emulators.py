@@ -1,0 +1,175 @@
+"""Emulator building blocks on known inputs and a small random Llama: CKA, clustering, plans,
+shared modules, forward shapes, the payload and the plug-in."""
+
+import pytest
+import torch
+
+from coordinator.emulators import get_emulator_builder
+from coordinator.emulators.build import payload_tensors
+from coordinator.emulators.crash import contiguous_clusters, medoid, plan_crash
+from coordinator.emulators.similarity import cka_matrix, linear_cka, massive_token_mask
+from coordinator.emulators.uniform import plan_uniform
+from fedadapt.emulator import (
+    EmulatorError, EmulatorPlan, adapter_layer_state, build_emulator_model, decode_emulator, emulator_tensors,
+    encode_emulator, load_adapter_layers, payload_sha256, plug_in, rename_layers, unique_decoder_params,
+)
+
+
+def small_llama(layers=8):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+# ---------------------------------------------------------------------------- CKA
+
+
+def test_cka_identical_and_invariant():
+    x = torch.randn(200, 12, generator=torch.Generator().manual_seed(0))
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(1)))
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-9)
+    assert linear_cka(x, 5.0 * x @ q) == pytest.approx(1.0, abs=1e-9)  # rotation and scale do not matter
+    y = torch.randn(200, 12, generator=torch.Generator().manual_seed(2))
+    assert linear_cka(x, y) < 0.3  # independent noise is dissimilar
+    m = cka_matrix([x, x @ q, y])
+    assert torch.allclose(m, m.T) and torch.allclose(torch.diag(m), torch.ones(3, dtype=m.dtype))
+    assert m[0, 1] == pytest.approx(1.0, abs=1e-5) and m[0, 2] == pytest.approx(linear_cka(x, y), abs=1e-4)
+
+
+def test_massive_tokens_dominate_cka_until_masked():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 16, generator=g), torch.randn(300, 16, generator=g)
+    a[0, 3] = b[0, 3] = 1e4  # one shared massive activation, as SmolLM2's first tokens
+    assert linear_cka(a, b) > 0.99  # all-token CKA says "identical"
+    keep = massive_token_mask([a, b], factor=5.0)
+    assert keep.sum() == 299 and not keep[0]
+    assert linear_cka(a[keep], b[keep]) < 0.3  # the other 299 tokens are unrelated
+
+
+# ---------------------------------------------------------------------------- clustering and plans
+
+
+def block_similarity(sizes):
+    n = sum(sizes)
+    s = torch.full((n, n), 0.2, dtype=torch.float64)
+    i = 0
+    for k in sizes:
+        s[i : i + k, i : i + k] = 0.9
+        i += k
+    s.fill_diagonal_(1.0)
+    return s
+
+
+def layer_similarity_map(n, bottom, sizes):
+    """An n x n layer map whose middle layers (from ``bottom``) form the given blocks."""
+    s = torch.eye(n, dtype=torch.float64)
+    m = sum(sizes)
+    s[bottom : bottom + m, bottom : bottom + m] = block_similarity(sizes)
+    return s
+
+
+def test_clusters_are_contiguous_and_recover_blocks():
+    s = block_similarity([3, 5, 2])
+    groups = contiguous_clusters(s, 3)
+    assert groups == [[0, 1, 2], [3, 4, 5, 6, 7], [8, 9]]
+    for k in range(1, 11):
+        g = contiguous_clusters(torch.rand(10, 10, generator=torch.Generator().manual_seed(k)), k)
+        assert len(g) == k and [i for grp in g for i in grp] == list(range(10))  # contiguous cover, in order
+    with pytest.raises(EmulatorError, match="keep"):
+        contiguous_clusters(s, 11)
+
+
+def test_crash_plan_shares_medoids_and_uniform_drops():
+    s = layer_similarity_map(12, 2, [3, 5])  # 12 layers: adapters 0-1 and 10-11, middle 2-9
+    plan = plan_crash(12, 2, 2, 2, similarity=s, share=True)
+    assert plan.clusters == [[2, 3, 4], [5, 6, 7, 8, 9]] and plan.depth == 12
+    assert len(plan.unique_middle) == 2 and plan.middle_sources[:3] == [plan.middle_sources[0]] * 3
+    removed = plan_crash(12, 2, 2, 2, similarity=s, share=False)
+    assert removed.depth == 6 and removed.middle_sources == plan.unique_middle
+    with pytest.raises(EmulatorError, match="one row per layer"):
+        plan_crash(12, 2, 2, 2, similarity=torch.eye(8))
+    assert medoid(s, [0, 1, 2]) in (0, 1, 2)
+    uni = plan_uniform(30, 2, 2, 8)
+    assert uni.depth == 12 and len(uni.unique_middle) == 8 and all(2 <= i < 28 for i in uni.middle_sources)
+    assert [i for c in uni.clusters for i in c] == list(range(2, 28))
+    assert get_emulator_builder("uniform") is plan_uniform
+    with pytest.raises(EmulatorError, match="choose one of"):
+        get_emulator_builder("nope")
+    with pytest.raises(EmulatorError, match="adapter_layers"):
+        plan_uniform(4, 2, 2, 1)
+
+
+# ---------------------------------------------------------------------------- the emulator model
+
+
+def test_emulator_shares_modules_and_runs():
+    full = small_llama(8)
+    plan = plan_crash(8, 2, 2, 2, similarity=layer_similarity_map(8, 2, [2, 2]), share=True)
+    emu = build_emulator_model(emulator_tensors(full, plan, include_adapters=True), plan, full.config.to_dict())
+    layers = emu.model.layers
+    assert len(layers) == 8 and emu.config.num_hidden_layers == 8
+    assert layers[2] is layers[3] and layers[4] is layers[5] and layers[2] is not layers[4]
+    assert layers[2].mlp.up_proj.weight is layers[3].mlp.up_proj.weight  # the same tensor object
+    assert unique_decoder_params(emu) == unique_decoder_params(full) * 6 // 8
+    src = plan.middle_sources[0]
+    assert torch.equal(layers[2].mlp.up_proj.weight, full.model.layers[src].mlp.up_proj.weight)
+    ids = torch.randint(0, 64, (3, 7))
+    out = emu(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    assert out.logits.shape == (3, 7, 64) and torch.isfinite(out.logits).all()
+    # an emulator built from all middle layers, unshared, is the full model
+    ident = EmulatorPlan("uniform", 8, 2, 2, [2, 3, 4, 5])
+    emu_id = build_emulator_model(emulator_tensors(full, ident, include_adapters=True), ident, full.config.to_dict())
+    ref = full(input_ids=ids, use_cache=False).logits
+    assert torch.allclose(emu_id(input_ids=ids, use_cache=False).logits, ref, atol=1e-5)
+
+
+def test_payload_round_trip_and_tamper_detection():
+    full = small_llama(8)
+    plan = plan_uniform(8, 2, 2, 2)
+    payload = encode_emulator(emulator_tensors(full, plan, include_adapters=False), plan, full.config.to_dict())
+    sha = payload_sha256(payload)
+    tensors, plan2, config = decode_emulator(payload, expected_sha256=sha)
+    assert plan2 == plan and config["num_hidden_layers"] == 8
+    layers_sent = {int(k.split(".")[1]) for k in tensors if k.startswith("middle.")}
+    assert layers_sent == set(plan.unique_middle) and not any(k.startswith("model.layers.") for k in tensors)
+    bad = bytearray(payload)
+    bad[-1] ^= 1
+    with pytest.raises(EmulatorError, match="SHA-256"):
+        decode_emulator(bytes(bad), expected_sha256=sha)
+    with pytest.raises(EmulatorError, match="safetensors"):
+        decode_emulator(b"garbage-bytes-not-a-payload")
+
+
+def test_plug_in_round_trip():
+    full = small_llama(8)
+    plan = plan_crash(8, 2, 2, 2, similarity=layer_similarity_map(8, 2, [2, 2]), share=True)
+    emu = build_emulator_model(emulator_tensors(full, plan, include_adapters=True), plan, full.config.to_dict())
+    trained = {k: v + 0.01 * torch.randn_like(v) for k, v in adapter_layer_state(emu, plan, on="emulator").items()}
+    assert {int(k.split(".")[2]) for k in trained} == {0, 1, 6, 7}  # full-model indices
+    load_adapter_layers(emu, plan, trained, on="emulator")
+    back = adapter_layer_state(emu, plan, on="emulator")
+    before = {k: v.clone() for k, v in full.state_dict().items()}
+    merged = plug_in(full.state_dict(), back)
+    assert all(torch.equal(before[k], v) for k, v in full.state_dict().items())  # pure: the input is untouched
+    full.load_state_dict(merged)
+    assert all(torch.equal(v, trained[k]) for k, v in adapter_layer_state(full, plan, on="full").items())
+    assert torch.equal(full.model.layers[3].mlp.up_proj.weight, before["model.layers.3.mlp.up_proj.weight"])
+    with pytest.raises(EmulatorError, match="no place"):
+        plug_in(full.state_dict(), {"model.layers.99.mlp.up_proj.weight": torch.zeros(1)})
+    with pytest.raises(EmulatorError, match="shape"):
+        plug_in(full.state_dict(), {"model.layers.0.mlp.up_proj.weight": torch.zeros(1)})
+    assert set(rename_layers({"a.layers.7.w": 1}, plan.emulator_index)) == {"a.layers.7.w"}
+
+
+def test_payload_tensors_reflect_distilled_weights():
+    full = small_llama(8)
+    plan = plan_crash(8, 2, 2, 2, similarity=layer_similarity_map(8, 2, [2, 2]), share=True)
+    emu = build_emulator_model(emulator_tensors(full, plan, include_adapters=True), plan, full.config.to_dict())
+    with torch.no_grad():
+        emu.model.layers[2].mlp.up_proj.weight.add_(1.0)
+    t = payload_tensors(emu, plan, include_adapters=False)
+    src = plan.middle_sources[0]
+    assert torch.equal(t[f"middle.{src}.mlp.up_proj.weight"], full.model.layers[src].mlp.up_proj.weight + 1.0)
