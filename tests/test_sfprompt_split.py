@@ -422,3 +422,43 @@ def test_trainer_over_tls_with_the_certificate_from_the_round_instruction(tmp_pa
         assert res.status == "error" and "unreachable or broke off" in res.reason
     finally:
         method.close()
+
+
+@pytest.mark.slow
+def test_split_equals_unsplit_on_smollm2():
+    """The same exactness on the real model (30 blocks, split 2/26/2), through the gRPC body."""
+    model, tok, _ = load_model("smollm2-135m")
+    split = SplitLlama(model, 2, 2)
+    split.freeze_all_but_tail()
+    body_split = SplitLlama(model, 2, 2)  # the body only reads the middle blocks
+    server = BodyServer(BodyServicer(body_split, rules(model="smollm2-135m", head_layers=2, tail_layers=2)))
+    server.start("127.0.0.1:0")
+    task = VerbalizerTask.build(tok, LABELS, prompt="Review: {text}\nSentiment:", max_length=48)
+    inputs, labels = task.encode(TEXTS), torch.tensor([1, 0, 1, 0])
+    prompt = split.initial_prompt(tok, 4, "Classify the review.").requires_grad_(True)
+
+    class Real(Cfg):
+        class S:
+            head_layers, tail_layers, prompt_tokens = 2, 2, 4
+        model, sfprompt = "smollm2-135m", S
+
+    stream = BodyStream(server.address(), max_bytes=8 << 20, timeout_s=120)
+    try:
+        stream.open(Real, "c", 1)
+        smashed, mask = split.head(inputs["input_ids"], inputs["attention_mask"], prompt)
+        out = stream.forward(1, smashed, mask).requires_grad_(True)
+        loss = F.cross_entropy(split.tail_label_logits(out, mask, task.label_token_ids), labels)
+        loss.backward()
+        smashed.backward(stream.backward(1, out.grad))
+        stream.close()
+    finally:
+        stream.shutdown()
+        server.stop(0)
+    got = prompt.grad.clone()
+    prompt.grad = None
+    embeds, full_mask = split.insert_prompt(inputs["input_ids"], inputs["attention_mask"], prompt)
+    logits = model(inputs_embeds=embeds, attention_mask=full_mask, logits_to_keep=1, use_cache=False).logits
+    ref = F.cross_entropy(logits[:, -1, task.label_token_ids], labels)
+    ref.backward()
+    assert torch.allclose(loss, ref, atol=1e-5), (loss.item(), ref.item())
+    assert torch.allclose(got, prompt.grad, atol=1e-6, rtol=1e-3)
