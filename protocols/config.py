@@ -147,15 +147,16 @@ class SFPromptConfig(_Section):
     max_message_mb: int = Field(64, ge=1)
     max_sessions: int = Field(16, ge=1)  # concurrent client streams the body serves
     tls_cert: str = ""  # body service TLS certificate (PEM); with tls_key, the stream uses TLS
-    tls_key: str = ""
+    tls_key: str = Field("", validate_default=True)
     tls_ca: str = ""  # CA that signed tls_cert, sent to clients to verify it; "" = tls_cert itself
     tls_server_name: str = ""  # name clients check in the certificate; "" = the address's host
 
-    @model_validator(mode="after")
-    def _tls_pair(self) -> "SFPromptConfig":
-        if bool(self.tls_cert) != bool(self.tls_key):
+    @field_validator("tls_key")
+    @classmethod
+    def _tls_pair(cls, v: str, info) -> str:
+        if bool(v) != bool(info.data.get("tls_cert")):
             raise ValueError("sfprompt.tls_cert and sfprompt.tls_key go together: set both (TLS) or neither")
-        return self
+        return v
 
 
 class DPOPTConfig(_Section):

@@ -462,3 +462,13 @@ def test_split_equals_unsplit_on_smollm2():
     ref.backward()
     assert torch.allclose(loss, ref, atol=1e-5), (loss.item(), ref.item())
     assert torch.allclose(got, prompt.grad, atol=1e-6, rtol=1e-3)
+
+
+def test_config_tls_pair_and_prune_score_are_checked():
+    from protocols.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="sfprompt.tls_key.*go together"):
+        validate_config({"trainer": "sfprompt", "sfprompt": {"tls_cert": "body.pem"}})
+    with pytest.raises(ConfigError, match="'el2n' or 'loss'"):
+        validate_config({"sfprompt": {"prune_score": "gradnorm"}})
+    assert validate_config({"sfprompt": {"tls_cert": "a.pem", "tls_key": "a.key"}}).sfprompt.tls_key == "a.key"
