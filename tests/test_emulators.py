@@ -1,6 +1,8 @@
 """Emulator building blocks on known inputs and a small random Llama: CKA, clustering, plans,
 shared modules, forward shapes, the payload and the plug-in."""
 
+import json
+
 import pytest
 import torch
 
@@ -173,3 +175,20 @@ def test_payload_tensors_reflect_distilled_weights():
     t = payload_tensors(emu, plan, include_adapters=False)
     src = plan.middle_sources[0]
     assert torch.equal(t[f"middle.{src}.mlp.up_proj.weight"], full.model.layers[src].mlp.up_proj.weight + 1.0)
+
+
+def test_emulator_build_command(tmp_path, data_root, capsys):
+    from coordinator.cli import main
+
+    out = tmp_path / "emu"
+    args = ["emulator", "build", "--model", "tiny-llama", "--method", "crash", "--adapter-layers", "1,1", "--keep", "1",
+            "--calibration", str(data_root / "20newsgroups"), "--calibration-examples", "8", "--distill-steps", "2"]
+    assert main(args + ["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "unique decoder params" in printed and "75.00%" in printed and "distillation: loss" in printed
+    assert {p.name for p in out.iterdir()} >= {"emulator.safetensors", "emulator.json", "similarity.png"}
+    report = json.loads((out / "emulator.json").read_text())
+    assert len(report["similarity"]["robust"]) == 4 and report["plan"]["middle_sources"] == [report["plan"]["middle_sources"][0]] * 2
+    assert (out / "similarity.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(args[:-6] + ["--keep", "5", "--out", str(tmp_path / "bad")]) == 2  # 5 of 2 middle layers
+    assert "offsite.keep must be between 1 and 2" in capsys.readouterr().err
