@@ -64,6 +64,67 @@ def finetune(model, plan, start_state, on, task, rows, cfg, seed):
     return adapter_layer_state(model, plan, on=on), metrics
 
 
+def write_report(args, records, ref, full_zero, full_lm, sim, texts, rows_eval, bottom, top, t_start, total_settings):
+    header = ("| emulator | keep | distill | depth | unique decoder params | bytes sent | emulator LM loss | "
+              "emulator zero-shot | emulator fine-tuned | plug-in | plug-in − full FT | step s (emulator / full) |")
+    lines = [header, "|" + "---|" * 12]
+    for r in records:
+        lines.append(
+            f"| {r['method']} | {r['keep']} | {r['distill_steps'] or '-'} | {r['depth']} | {r['decoder_ratio']:.0%} | "
+            f"{r['payload_ratio']:.0%} | {r['emu_lm_loss']:.2f} | {r['emu_zero']:.3f} | {r['emu_ft']:.3f} | "
+            f"**{r['plug_in']:.3f}** | {100 * (r['plug_in'] - ref['accuracy']):+.1f} pt | "
+            f"{r['step_s']:.2f} / {ref['step_s']:.2f} ({r['step_s'] / ref['step_s']:.2f}x) |"
+        )
+    table = "\n".join(lines)
+    best = max(records, key=lambda r: r["plug_in"])
+    above = sum(r["plug_in"] > full_zero["accuracy"] for r in records)
+    close = sum(r["plug_in"] >= ref["accuracy"] - 0.02 for r in records)
+    protected = sum(r["emu_ft"] <= r["plug_in"] - 0.05 for r in records)
+    small = sum(r["decoder_ratio"] <= 0.40 + 1e-9 for r in records)
+    all_four = ", ".join(
+        f"{r['method']} keep {r['keep']} distill {r['distill_steps']}" for r in records
+        if r["plug_in"] > full_zero["accuracy"] and r["plug_in"] >= ref["accuracy"] - 0.02
+        and r["emu_ft"] <= r["plug_in"] - 0.05 and r["decoder_ratio"] <= 0.40 + 1e-9
+    ) or "none"
+    section = f"""## offsite: offsite-tuning with uniform and CRaSh emulators
+
+Setting: SmolLM2-135M-Instruct (30 layers), rotten_tomatoes, prompt "Review: {{text}}\\nSentiment:", label-word
+logits. Adapter layers {bottom} bottom + {top} top ({ref['trainable']:,} parameters) trained fully with AdamW,
+lr {args.lr}, batch {args.batch}, **{args.steps} steps** (same batches in every setting), evaluated on the first
+**{len(rows_eval)} test rows**. Emulators are built from {len(texts)} 20newsgroups texts (public calibration
+text, not the task's); `keep` = unique middle layers of 26; uniform drops layers (shallower emulator), crash
+shares each group's medoid layer over the group (full depth). Distillation: {args.distill_steps} steps, batch 8,
+lr 1e-4 (hidden-state + logit matching on the calibration text). Centralised (one data owner) so every row
+sees identical data; {len(records)} of {total_settings} settings done; {args.threads} torch threads on a shared 2-core CPU. Total {time.perf_counter() - t_start:.0f} s.
+
+Measured in the same run: **full model zero-shot {full_zero['accuracy']:.3f}**; **full-model fine-tune of
+the same adapter layers {ref['accuracy']:.3f}** (the upper reference); full-model LM loss on the calibration
+text {full_lm:.2f} nats.
+
+{table}
+
+"unique decoder params" and "bytes sent" are the emulator's share of the full model's decoder parameters and
+of its bytes (the payload also carries the embeddings, 28M parameters, which dominate at small `keep`).
+Best plug-in: {best['method']} keep {best['keep']} distill {best['distill_steps']} at {best['plug_in']:.3f}.
+
+Notes (honest reading of this table):
+- Robust CKA: the all-token map of this model shows two saturated blocks caused by massive-activation
+  tokens ({sim.dropped_tokens} of {sim.tokens} calibration tokens exceed 5x the median norm, max |activation|
+  {sim.max_activation:.0f}); dropping them gives the smooth band the clustering uses
+  (`benchmarks/results/offsite_crash8/similarity.png` shows both).
+- The emulator LM loss column is next-token cross-entropy on calibration text (full model {full_lm:.2f}).
+- Against the goals: plug-in above the full model's zero-shot in {above} of {len(records)} settings; within 2 points
+  of the full-model fine-tune in {close} of {len(records)}; emulator fine-tuned at least 5 points below its plug-in
+  (the model owner's protection) in {protected} of {len(records)}; unique decoder parameters <= 40% in
+  {small} of {len(records)}. Settings meeting all four: {all_four}.
+- Few steps and {len(rows_eval)} eval rows: differences of ~2 points are within noise (one row = {100 / len(rows_eval):.1f} pt).
+"""
+    Path(args.out).write_text(section)
+    (ROOT / "results" / "offsite.json").write_text(json.dumps({"full_zero": full_zero, "full_ft": ref, "records": records,
+                                                               "machine": platform.machine(), "cpus": os.cpu_count()}, indent=1))
+    return section
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
@@ -104,8 +165,9 @@ def main() -> None:
     bottom, top = cfg.offsite.adapter_layers
     print(f"full zero-shot {full_zero['accuracy']:.3f}; fine-tuning the adapter layers on the full model …", flush=True)
 
-    rows, records = [], []
+    records = []
     ref = None
+    total_settings = len(args.methods.split(",")) * len(args.keeps.split(",")) * 2
     for method in args.methods.split(","):
         for keep in [int(k) for k in args.keeps.split(",")]:
             for distill_steps in (0, args.distill_steps):
@@ -143,56 +205,12 @@ def main() -> None:
                        "step_s": m_emu["step_seconds"], "build_s": build_s}
                 records.append(rec)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}), flush=True)
+                section = write_report(args, records, ref, full_zero, full_lm, sim, texts, rows_eval, bottom, top, t_start,
+                                       total_settings)
                 if method == "crash" and keep == 8 and distill_steps == 0:
                     save_bundle(bundle, sim, ROOT / "results" / "offsite_crash8")
                 del emu
-
-    header = ("| emulator | keep | distill | depth | unique decoder params | bytes sent | emulator LM loss | "
-              "emulator zero-shot | emulator fine-tuned | plug-in | plug-in − full FT | step s (emulator / full) |")
-    lines = [header, "|" + "---|" * 12]
-    for r in records:
-        lines.append(
-            f"| {r['method']} | {r['keep']} | {r['distill_steps'] or '-'} | {r['depth']} | {r['decoder_ratio']:.0%} | "
-            f"{r['payload_ratio']:.0%} | {r['emu_lm_loss']:.2f} | {r['emu_zero']:.3f} | {r['emu_ft']:.3f} | "
-            f"**{r['plug_in']:.3f}** | {100 * (r['plug_in'] - ref['accuracy']):+.1f} pt | "
-            f"{r['step_s']:.2f} / {ref['step_s']:.2f} ({r['step_s'] / ref['step_s']:.2f}x) |"
-        )
-    table = "\n".join(lines)
-    best = max(records, key=lambda r: r["plug_in"])
-    section = f"""## offsite: offsite-tuning with uniform and CRaSh emulators
-
-Setting: SmolLM2-135M-Instruct (30 layers), rotten_tomatoes, prompt "Review: {{text}}\\nSentiment:", label-word
-logits. Adapter layers {bottom} bottom + {top} top ({ref['trainable']:,} parameters) trained fully with AdamW,
-lr {args.lr}, batch {args.batch}, **{args.steps} steps** (same batches in every setting), evaluated on the first
-**{len(rows_eval)} test rows**. Emulators are built from {len(texts)} 20newsgroups texts (public calibration
-text, not the task's); `keep` = unique middle layers of 26; uniform drops layers (shallower emulator), crash
-shares each group's medoid layer over the group (full depth). Distillation: {args.distill_steps} steps, batch 8,
-lr 1e-4 (hidden-state + logit matching on the calibration text). Centralised (one data owner) so every row
-sees identical data; {args.threads} torch threads on a shared 2-core CPU. Total {time.perf_counter() - t_start:.0f} s.
-
-Measured in the same run: **full model zero-shot {full_zero['accuracy']:.3f}**; **full-model fine-tune of
-the same adapter layers {ref['accuracy']:.3f}** (the upper reference); full-model LM loss on the calibration
-text {full_lm:.2f} nats.
-
-{table}
-
-"unique decoder params" and "bytes sent" are the emulator's share of the full model's decoder parameters and
-of its bytes (the payload also carries the embeddings, 28M parameters, which dominate at small `keep`).
-Best plug-in: {best['method']} keep {best['keep']} distill {best['distill_steps']} at {best['plug_in']:.3f}.
-
-Notes (honest reading of this table):
-- Robust CKA: the all-token map of this model shows two saturated blocks caused by massive-activation
-  tokens ({sim.dropped_tokens} of {sim.tokens} calibration tokens exceed 5x the median norm, max |activation|
-  {sim.max_activation:.0f}); dropping them gives the smooth band the clustering uses
-  (`benchmarks/results/offsite_crash8/similarity.png` shows both).
-- The emulator LM loss column is next-token cross-entropy on calibration text (full model {full_lm:.2f}).
-- Few steps and {len(rows_eval)} eval rows: differences of ~2 points are within noise (one row = {100 / len(rows_eval):.1f} pt).
-"""
-    Path(args.out).write_text(section)
-    (ROOT / "results" / "offsite.json").write_text(json.dumps({"full_zero": full_zero, "full_ft": ref, "records": records,
-                                                               "machine": platform.machine(), "cpus": os.cpu_count()}, indent=1))
     print(section)
-
 
 if __name__ == "__main__":
     main()
