@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from client_node.trainers.offsite import train_steps  # noqa: E402
 from coordinator.emulators.build import (  # noqa: E402
-    EmulatorSpec, build_emulator, calibration_batches, calibration_texts, save_bundle,
+    EmulatorSpec, build_emulator, calibration_batches, calibration_texts, write_heatmap,
 )
 from coordinator.emulators.similarity import layer_similarity  # noqa: E402
 from fedadapt.emulator import adapter_parameters, load_adapter_layers, plug_in, adapter_layer_state  # noqa: E402
@@ -64,7 +64,7 @@ def finetune(model, plan, start_state, on, task, rows, cfg, seed):
     return adapter_layer_state(model, plan, on=on), metrics
 
 
-def write_report(args, records, ref, full_zero, full_lm, sim, texts, rows_eval, bottom, top, t_start, total_settings):
+def write_report(args, keeps, records, ref, full_zero, full_lm, sim, texts, rows_eval, bottom, top, t_start, total_settings):
     header = ("| emulator | keep | distill | depth | unique decoder params | bytes sent | emulator LM loss | "
               "emulator zero-shot | emulator fine-tuned | plug-in | plug-in − full FT | step s (emulator / full) |")
     lines = [header, "|" + "---|" * 12]
@@ -88,11 +88,11 @@ def write_report(args, records, ref, full_zero, full_lm, sim, texts, rows_eval, 
     ) or "none"
     section = f"""## offsite: offsite-tuning with uniform and CRaSh emulators
 
-Setting: SmolLM2-135M-Instruct (30 layers), rotten_tomatoes, prompt "Review: {{text}}\\nSentiment:", label-word
+Setting: {args.model} ({sim.all_tokens.shape[0]} layers), rotten_tomatoes, prompt "Review: {{text}}\\nSentiment:", label-word
 logits. Adapter layers {bottom} bottom + {top} top ({ref['trainable']:,} parameters) trained fully with AdamW,
 lr {args.lr}, batch {args.batch}, **{args.steps} steps** (same batches in every setting), evaluated on the first
 **{len(rows_eval)} test rows**. Emulators are built from {len(texts)} 20newsgroups texts (public calibration
-text, not the task's); `keep` = unique middle layers of 26; uniform drops layers (shallower emulator), crash
+text, not the task's); `keep` = unique middle layers of {sim.all_tokens.shape[0] - bottom - top}; uniform drops layers (shallower emulator), crash
 shares each group's medoid layer over the group (full depth). Distillation: {args.distill_steps} steps, batch 8,
 lr 1e-4 (hidden-state + logit matching on the calibration text). Centralised (one data owner) so every row
 sees identical data; {len(records)} of {total_settings} settings done; {args.threads} torch threads on a shared 2-core CPU. Total {time.perf_counter() - t_start:.0f} s.
@@ -111,7 +111,7 @@ Notes (honest reading of this table):
 - Robust CKA: the all-token map of this model shows two saturated blocks caused by massive-activation
   tokens ({sim.dropped_tokens} of {sim.tokens} calibration tokens exceed 5x the median norm, max |activation|
   {sim.max_activation:.0f}); dropping them gives the smooth band the clustering uses
-  (`benchmarks/results/offsite_crash8/similarity.png` shows both).
+  (`benchmarks/results/offsite_similarity.png` shows both, with the crash groups for keep {keeps[0]}).
 - The emulator LM loss column is next-token cross-entropy on calibration text (full model {full_lm:.2f}).
 - Against the goals: plug-in above the full model's zero-shot in {above} of {len(records)} settings; within 2 points
   of the full-model fine-tune in {close} of {len(records)}; emulator fine-tuned at least 5 points below its plug-in
@@ -120,7 +120,7 @@ Notes (honest reading of this table):
 - Few steps and {len(rows_eval)} eval rows: differences of ~2 points are within noise (one row = {100 / len(rows_eval):.1f} pt).
 """
     Path(args.out).write_text(section)
-    (ROOT / "results" / "offsite.json").write_text(json.dumps({"full_zero": full_zero, "full_ft": ref, "records": records,
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"full_zero": full_zero, "full_ft": ref, "records": records,
                                                                "machine": platform.machine(), "cpus": os.cpu_count()}, indent=1))
     return section
 
@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=30)
     ap.add_argument("--calibration-examples", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="smollm2-135m", help="tiny-llama: a seconds-long check of this script")
+    ap.add_argument("--adapter-layers", default="2,2")
     ap.add_argument("--out", default=str(ROOT / "results" / "offsite.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -143,7 +145,8 @@ def main() -> None:
 
     cfg = load_config(ROOT.parent / "simulations" / "configs" / "offsite.toml", [
         f"data.eval_examples={args.eval}", f"train.local_steps={args.steps}", f"train.batch_size={args.batch}",
-        f"train.lr={args.lr}", "train.eval_batch_size=50",
+        f"train.lr={args.lr}", "train.eval_batch_size=50", f"model='{args.model}'",
+        f"offsite.adapter_layers=[{args.adapter_layers}]",
     ])
     full, tok, _ = load_model(cfg.model)
     for p in full.parameters():
@@ -167,9 +170,10 @@ def main() -> None:
 
     records = []
     ref = None
-    total_settings = len(args.methods.split(",")) * len(args.keeps.split(",")) * 2
+    keeps = [int(k) for k in args.keeps.split(",")]
+    total_settings = len(args.methods.split(",")) * len(keeps) * 2
     for method in args.methods.split(","):
-        for keep in [int(k) for k in args.keeps.split(",")]:
+        for keep in keeps:
             for distill_steps in (0, args.distill_steps):
                 spec = EmulatorSpec(model=cfg.model, method=method, bottom=bottom, top=top, keep=keep, share=True,
                                     calibration=cfg.offsite.calibration, calibration_examples=args.calibration_examples,
@@ -205,10 +209,10 @@ def main() -> None:
                        "step_s": m_emu["step_seconds"], "build_s": build_s}
                 records.append(rec)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}), flush=True)
-                section = write_report(args, records, ref, full_zero, full_lm, sim, texts, rows_eval, bottom, top, t_start,
+                section = write_report(args, keeps, records, ref, full_zero, full_lm, sim, texts, rows_eval, bottom, top, t_start,
                                        total_settings)
-                if method == "crash" and keep == 8 and distill_steps == 0:
-                    save_bundle(bundle, sim, ROOT / "results" / "offsite_crash8")
+                if method == "crash" and keep == keeps[0] and distill_steps == 0:  # the map and groups, not the payload
+                    write_heatmap(sim, bundle.plan, Path(args.out).with_name(Path(args.out).stem + "_similarity.png"))
                 del emu
     print(section)
 
