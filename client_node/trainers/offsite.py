@@ -58,9 +58,7 @@ def emulator_for(ctx: TrainContext) -> tuple[object, EmulatorPlan, int]:
     cfg = ctx.cfg
     mode = "lora:" + cfg.lora.model_dump_json() if cfg.offsite.use_lora else "layers"
     key = (str(ctx.extra.get("emulator_sha256", "")), mode)
-    if key in _CACHE:
-        if ctx.extra.get("emulator_payload"):  # still keep the node's disk copy current
-            receive_emulator(ctx.extra)
+    if key in _CACHE:  # built in this process from a payload whose hash was checked
         return (*_CACHE[key], 0)
     tensors, plan, config, received = receive_emulator(ctx.extra)
     has_adapter_layers = any(k.startswith("model.layers.") for k in tensors)
