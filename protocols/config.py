@@ -220,7 +220,8 @@ class RunConfig(_Section):
         if self.privacy.mode == "dp-sgd" and self.trainer == "lora":
             self.trainer = "lora-dp"  # [privacy] mode = "dp-sgd" is how a user asks for DP LoRA
         elif self.privacy.mode == "dp-sgd" and self.trainer != "lora-dp":
-            raise ValueError(f"privacy.mode='dp-sgd' needs trainer 'lora' or 'lora-dp', not {self.trainer!r}")
+            raise ValueError(f"privacy.mode='dp-sgd' needs trainer 'lora' or 'lora-dp', not {self.trainer!r}: "
+                             "set trainer = \"lora\" or privacy.mode = \"none\"")
         return self
 
     def to_json(self) -> str:
@@ -241,6 +242,9 @@ def _format_error(err: ValidationError) -> str:
         elif kind == "literal_error":
             allowed = e.get("ctx", {}).get("expected", "")
             lines.append(f"bad value {e.get('input')!r} for '{key}': allowed values are {allowed}")
+        elif not e["loc"]:
+            # a cross-field check: its input is the whole config, so print only its message (it names the keys)
+            lines.append(e["msg"].removeprefix("Value error, "))
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"bad value {e.get('input')!r} for '{key}': {msg}")
