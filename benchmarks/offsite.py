@@ -172,8 +172,8 @@ def main() -> None:
     ref = None
     keeps = [int(k) for k in args.keeps.split(",")]
     total_settings = len(args.methods.split(",")) * len(keeps) * 2
-    for method in args.methods.split(","):
-        for keep in keeps:
+    for keep in keeps:  # keep-major: a cut-short run still compares both methods at the first keep
+        for method in args.methods.split(","):
             for distill_steps in (0, args.distill_steps):
                 spec = EmulatorSpec(model=cfg.model, method=method, bottom=bottom, top=top, keep=keep, share=True,
                                     calibration=cfg.offsite.calibration, calibration_examples=args.calibration_examples,
