@@ -1,26 +1,40 @@
 """Privacy audit: plant canaries in one data owner's data, train, and test for membership.
 
-Canaries are mislabelled examples whose text is a random secret string of words (so nothing but
-memorization links text and label). Half of them (members) join the owner's training data; the other
-half (non-members) never do. After training the owner's trainer for the run's rounds (a one-owner
-federation: each round starts from the previous round's result, exactly as FedAvg with one client),
-each canary is scored by how much the training lowered the loss of its planted label
-(loss_after − loss_before; lower = more likely a member).
+Canaries are mislabelled examples whose text is a short random secret string of letters (so nothing
+but memorization links text and label), with the labels balanced. A random half of them (members)
+joins the owner's training data; the other half (non-members) never does. After training the owner's
+trainer for the run's rounds (a one-owner federation: each round starts from the previous round's
+result, exactly as FedAvg with one client), each canary is scored by the final model's loss on its planted
+label, relative to the other canaries carrying the same label:
 
-A threshold test on that score gives a true- and false-positive rate; with Clopper–Pearson bounds at
-confidence 1 − α, every threshold t yields an empirical lower bound on ε (Jagielski et al. 2020;
-Nasr et al. 2021):  ε ≥ log((TPR_low − δ) / FPR_high)  and  ε ≥ log((1 − FPR_high − δ) / (1 − TPR_low)).
-The largest over thresholds is reported (the threshold search makes it slightly optimistic for the
-auditor at small sample sizes, which is why the bounds are one-sided at α / number of thresholds,
-Bonferroni). A DP run must stay at or below its claimed ε; a non-private run with enough training
-shows a bound above 0, which is what "the audit can fail" means. With n canaries per side the bound
-cannot exceed about log(n), so it is a sanity check of the implementation, not a tight estimate.
+    score_i = loss_i − median_{j: label_j = label_i} loss_j
+
+Lower means "more likely a member". The per-label median removes the shift every example of a label
+gets when training moves the model's label bias (it uses no membership information, so the audit
+stays a valid membership test); what is left is what the model learned about that one secret. The
+loss change since the start is reported too, for reading.
+
+A threshold test on the score gives a true- and false-positive rate. An (ε, δ)-DP trainer forces every
+such test to satisfy TPR ≤ e^ε·FPR + δ and (1 − FPR) ≤ e^ε·(1 − TPR) + δ (Kairouz et al. 2015), so with
+one-sided Clopper–Pearson bounds on both rates (Jagielski et al. 2020; Nasr et al. 2021):
+
+    ε ≥ log((TPR_low − δ) / FPR_high)   and   ε ≥ log((1 − FPR_high − δ) / (1 − TPR_low)).
+
+The thresholds come from a small fixed grid of score quantiles (``DEFAULT_THRESHOLDS``), and every
+bound is taken at α / (2 · number of thresholds) (Bonferroni over the grid and the two rates), so the
+reported maximum holds with confidence 1 − α overall. The canaries of one training run are treated as
+independent trials, as is usual for one-run audits; Steinke, Nasr & Jagielski (2023) show that this is
+sound when each canary's membership is an independent coin, which the random assignment here mimics.
+A DP run must stay at or below its claimed ε; a non-private run with enough training shows a bound
+above 0 — that is how the audit can fail. With n canaries per side the bound cannot exceed about
+log(n), so it is a check that the implementation is not grossly broken, not a tight estimate of ε.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,15 +43,21 @@ import torch
 
 from fedadapt.data import Example
 
+DEFAULT_THRESHOLDS = 15  # thresholds at the 1/16 … 15/16 quantiles of all canary scores
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 
-def make_canaries(n: int, num_labels: int, seed: int, words: int = 12) -> list[Example]:
-    """``n`` random secret strings with random labels (the seed only makes the audit reproducible)."""
+
+def make_canaries(n: int, num_labels: int, seed: int, words: int = 3) -> list[Example]:
+    """``n`` random secret strings of ``words`` random-letter words, labels balanced over ``num_labels``.
+
+    Short secrets are memorized faster: the classifier reads the last position, which attends to every
+    earlier token, so a long random text dilutes what is unique to it. The seed only makes the audit
+    reproducible: secrecy is not needed against the trainer being audited."""
     rng = random.Random(seed)
-    alphabet = "abcdefghijklmnopqrstuvwxyz"
     out = []
     for i in range(n):
-        text = " ".join("".join(rng.choice(alphabet) for _ in range(rng.randint(3, 8))) for _ in range(words))
-        out.append(Example(text=text, label=rng.randrange(num_labels)))
+        text = " ".join("".join(rng.choice(_ALPHABET) for _ in range(rng.randint(4, 8))) for _ in range(words))
+        out.append(Example(text=text, label=i % num_labels))
     return out
 
 
@@ -50,17 +70,29 @@ def clopper_pearson(k: int, n: int, alpha: float) -> tuple[float, float]:
     return lo, hi
 
 
-def epsilon_lower_bound(member_scores, nonmember_scores, delta: float, alpha: float = 0.05) -> dict[str, float]:
-    """The largest empirical ε lower bound over thresholds "score ≤ t ⇒ member" (lower score = member)."""
-    ms, ns = sorted(member_scores), sorted(nonmember_scores)
-    thresholds = sorted(set(ms) | set(ns))
-    a = alpha / max(len(thresholds), 1)  # Bonferroni over the threshold search
+def label_calibrated_scores(loss_changes: list[float], labels: list[int]) -> list[float]:
+    """Each loss change minus the median loss change of all canaries with the same planted label."""
+    medians = {lab: statistics.median(c for c, l2 in zip(loss_changes, labels) if l2 == lab) for lab in set(labels)}
+    return [c - medians[lab] for c, lab in zip(loss_changes, labels)]
+
+
+def epsilon_lower_bound(member_scores, nonmember_scores, delta: float, alpha: float = 0.05,
+                        thresholds: int = DEFAULT_THRESHOLDS) -> dict[str, float]:
+    """The largest empirical ε lower bound over the tests "score ≤ t ⇒ member" (lower score = member),
+    t on a grid of ``thresholds`` quantiles of all scores; confidence 1 − alpha for the maximum."""
+    ms, ns = list(member_scores), list(nonmember_scores)
+    if not ms or not ns:
+        raise ValueError("the audit needs member and non-member canaries")
+    pooled = sorted(ms + ns)
+    grid = sorted({pooled[min(len(pooled) - 1, max(0, math.ceil(len(pooled) * k / (thresholds + 1)) - 1))]
+                   for k in range(1, thresholds + 1)})
+    a = alpha / (2 * len(grid))  # Bonferroni: two one-sided rate bounds per threshold
     best = {"epsilon_lower_bound": 0.0, "threshold": float("nan"), "tpr": 0.0, "fpr": 0.0}
-    for t in thresholds:
+    for t in grid:
         tp = sum(s <= t for s in ms)
         fp = sum(s <= t for s in ns)
-        tpr_lo, tpr_hi = clopper_pearson(tp, len(ms), a)
-        fpr_lo, fpr_hi = clopper_pearson(fp, len(ns), a)
+        tpr_lo, _ = clopper_pearson(tp, len(ms), a)
+        _, fpr_hi = clopper_pearson(fp, len(ns), a)
         cands = []
         if tpr_lo - delta > 0 and fpr_hi > 0:
             cands.append(math.log((tpr_lo - delta) / fpr_hi))
@@ -69,8 +101,8 @@ def epsilon_lower_bound(member_scores, nonmember_scores, delta: float, alpha: fl
         for c in cands:
             if c > best["epsilon_lower_bound"]:
                 best = {"epsilon_lower_bound": c, "threshold": t, "tpr": tp / len(ms), "fpr": fp / len(ns)}
-    # membership advantage at the best threshold for the plain accuracy view
-    adv = max((sum(s <= t for s in ms) / len(ms) - sum(s <= t for s in ns) / len(ns)) for t in thresholds)
+    # the plain membership advantage (best TPR − FPR over all thresholds), for reading, not for the bound
+    adv = max(sum(s <= t for s in ms) / len(ms) - sum(s <= t for s in ns) / len(ns) for t in pooled)
     return {**best, "advantage": adv}
 
 
@@ -83,23 +115,50 @@ def _canary_losses(model, task, canaries, batch_size: int = 32) -> list[float]:
     return out
 
 
-def run_audit(cfg, *, canaries_per_side: int = 32, owner_index: int = 0, alpha: float = 0.05,
-              ledger_dir: str | Path | None = None, on_round=None) -> dict[str, Any]:
+def split_members(canaries: list[Example], seed: int) -> tuple[list[int], list[int]]:
+    """A random half of each label's canaries become members (indices), the rest non-members."""
+    rng = random.Random(seed)
+    members, nonmembers = [], []
+    for lab in sorted({c.label for c in canaries}):
+        idx = [i for i, c in enumerate(canaries) if c.label == lab]
+        rng.shuffle(idx)
+        members += idx[: len(idx) // 2]
+        nonmembers += idx[len(idx) // 2:]
+    return sorted(members), sorted(nonmembers)
+
+
+def run_audit(cfg, *, canaries_per_side: int = 48, owner_index: int = 0, alpha: float = 0.05,
+              canary_words: int = 3, ledger_dir: str | Path | None = None, on_round=None) -> dict[str, Any]:
     """Train data owner ``owner_index`` (with canaries) under ``cfg``'s trainer; return the audit result."""
-    from client_node.trainers import TrainContext, TrainerRefused, get_trainer
-    from fedadapt.adapters import add_, adapter_state, load_adapter_state
-    from fedadapt.models import cached_lora_model
     from fedadapt.partitions import dataset_labels, simulated_client_examples
-    from fedadapt.task import VerbalizerTask
 
     if cfg.trainer not in ("lora", "lora-dp"):
         raise ValueError(f"the audit trains LoRA adapters: trainer must be 'lora' or 'lora-dp', not {cfg.trainer!r}")
     labels = dataset_labels(cfg.data)
     real = list(simulated_client_examples(cfg.data, cfg.federation.num_clients, owner_index, cfg.seed))
-    canaries = make_canaries(2 * canaries_per_side, len(labels), seed=cfg.seed + 7919)
-    members, nonmembers = canaries[:canaries_per_side], canaries[canaries_per_side:]
-    train = real + members
+    if canaries_per_side < 4:
+        raise ValueError(f"canaries_per_side={canaries_per_side} is too few to bound anything: use at least 4 (32+ to detect leaks)")
+    canaries = make_canaries(2 * canaries_per_side, len(labels), seed=cfg.seed + 7919, words=canary_words)
+    member_idx, nonmember_idx = split_members(canaries, seed=cfg.seed + 104729)
+    train = real + [canaries[i] for i in member_idx]
     random.Random(cfg.seed).shuffle(train)
+
+    threads_before = torch.get_num_threads()
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)  # as a node would; restored below
+    try:
+        return _train_and_score(cfg, labels, train, canaries, member_idx, nonmember_idx, owner_index, alpha,
+                                canary_words, ledger_dir, on_round)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train_and_score(cfg, labels, train, canaries, member_idx, nonmember_idx, owner_index, alpha, canary_words,
+                     ledger_dir, on_round) -> dict[str, Any]:
+    from client_node.trainers import TrainContext, TrainerRefused, get_trainer
+    from fedadapt.adapters import add_, adapter_state, load_adapter_state
+    from fedadapt.models import cached_lora_model
+    from fedadapt.task import VerbalizerTask
 
     model, tok = cached_lora_model(cfg.model, cfg.lora, seed=cfg.seed)
     task = VerbalizerTask.from_config(tok, labels, cfg.data)
@@ -134,18 +193,26 @@ def run_audit(cfg, *, canaries_per_side: int = 32, owner_index: int = 0, alpha: 
     if tmp is not None:
         tmp.cleanup()
 
-    scores = [a - b for a, b in zip(after, before)]
+    changes = [a - b for a, b in zip(after, before)]
+    # the final loss, not its change, is the score: the change adds the base model's per-canary noise
+    # (measured on tiny-llama: ε lower bound 1.69 from final losses vs 1.45 from changes, same run)
+    scores = label_calibrated_scores(after, [c.label for c in canaries])
     n_local = len(train)
     private = cfg.trainer == "lora-dp"
     delta = last_metrics.get("dp_delta", cfg.privacy.delta or 1.0 / (10 * n_local))
-    bound = epsilon_lower_bound(scores[:canaries_per_side], scores[canaries_per_side:], delta, alpha)
+    member_scores = [scores[i] for i in member_idx]
+    nonmember_scores = [scores[i] for i in nonmember_idx]
+    bound = epsilon_lower_bound(member_scores, nonmember_scores, delta, alpha)
     claimed = last_metrics.get("dp_epsilon_total", float("inf")) if private else float("inf")
     return {
         "trainer": cfg.trainer, "model": cfg.model, "rounds": rounds_done, "local_steps": cfg.train.local_steps,
-        "batch_size": cfg.train.batch_size, "n_local": n_local, "canaries_per_side": canaries_per_side,
+        "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "n_local": n_local,
+        "members": len(member_idx), "nonmembers": len(nonmember_idx), "canary_words": canary_words,
         "claimed_epsilon": claimed, "delta": delta, "alpha": alpha,
-        "member_score_mean": sum(scores[:canaries_per_side]) / canaries_per_side,
-        "nonmember_score_mean": sum(scores[canaries_per_side:]) / canaries_per_side,
+        "member_loss_change_mean": statistics.fmean(changes[i] for i in member_idx),
+        "nonmember_loss_change_mean": statistics.fmean(changes[i] for i in nonmember_idx),
+        "member_score_mean": statistics.fmean(member_scores),
+        "nonmember_score_mean": statistics.fmean(nonmember_scores),
         **bound,
         "within_claim": bound["epsilon_lower_bound"] <= claimed,
         "leak_detected": bound["epsilon_lower_bound"] > 0,

@@ -44,7 +44,7 @@ def cmd_audit(args) -> int:
     err.print(f"[bold]privacy audit[/]: trainer={cfg.trainer} model={cfg.model} rounds={cfg.rounds} "
               f"local_steps={cfg.train.local_steps}, {args.canaries} member + {args.canaries} non-member canaries")
     res = run_audit(cfg, canaries_per_side=args.canaries, owner_index=args.owner, alpha=args.alpha,
-                    on_round=lambda r, m: err.print(f"round {r}: train loss {m.get('train_loss', float('nan')):.4f}"
+                    canary_words=args.canary_words, on_round=lambda r, m: err.print(f"round {r}: train loss {m.get('train_loss', float('nan')):.4f}"
                                                     + (f", ε spent {m['dp_epsilon_total']:.3f}" if "dp_epsilon_total" in m else "")))
     if args.json:
         print(json.dumps(res, indent=2))
@@ -52,8 +52,10 @@ def cmd_audit(args) -> int:
         claimed = "∞ (no DP)" if res["claimed_epsilon"] == float("inf") else f"{res['claimed_epsilon']:.3f}"
         print(f"empirical ε lower bound: {res['epsilon_lower_bound']:.3f} (confidence {1 - args.alpha:.0%}), "
               f"claimed ε: {claimed}, δ={res['delta']:.3g}")
-        print(f"membership advantage {res['advantage']:.3f}; mean loss change members {res['member_score_mean']:+.4f} "
-              f"vs non-members {res['nonmember_score_mean']:+.4f}")
+        print(f"best test: TPR {res['tpr']:.2f} at FPR {res['fpr']:.2f} over {res['members']} member / "
+              f"{res['nonmembers']} non-member canaries; membership advantage {res['advantage']:.3f}")
+        print(f"mean loss change members {res['member_loss_change_mean']:+.4f} vs non-members "
+              f"{res['nonmember_loss_change_mean']:+.4f}")
         if not res["within_claim"]:
             print("AUDIT FAILED: the measured lower bound exceeds the claimed ε — the DP implementation or accounting is wrong")
         elif res["leak_detected"]:
@@ -70,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_report(sub)
     a = sub.add_parser("audit", help="plant canaries in one data owner's data, train, bound ε from below")
     add_config_args(a)
-    a.add_argument("--canaries", type=int, default=32, help="member canaries (as many non-members)")
+    a.add_argument("--canaries", type=int, default=48, help="member canaries (as many non-members)")
+    a.add_argument("--canary-words", type=int, default=3, help="random words per canary (short secrets memorize faster)")
     a.add_argument("--owner", type=int, default=0, help="which simulated data owner's partition to audit")
     a.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of the lower bound")
     a.add_argument("--json", action="store_true")
