@@ -151,3 +151,26 @@ def test_audit_fails_a_dp_trainer_whose_noise_is_switched_off(wide_tiny_llama, m
     broken = _audit("privacy.mode=dp-sgd", "privacy.target_epsilon=0.5")
     assert 0 < broken["claimed_epsilon"] <= 0.5
     assert not broken["within_claim"] and broken["epsilon_lower_bound"] > broken["claimed_epsilon"], broken  # measured 1.45
+
+
+def test_audit_cli_exit_code_follows_the_claim(monkeypatch, capsys):
+    import privacy.audit
+    from privacy.cli import main
+
+    base = {"claimed_epsilon": 0.5, "delta": 1e-3, "epsilon_lower_bound": 1.2, "tpr": 0.9, "fpr": 0.1,
+            "members": 48, "nonmembers": 48, "advantage": 0.8, "member_loss_change_mean": -0.3,
+            "nonmember_loss_change_mean": 0.0, "leak_detected": True}
+    seen = {}
+
+    def fake(cfg, **kw):
+        seen.update(kw, trainer=cfg.trainer)
+        return {**base, "within_claim": False}
+
+    monkeypatch.setattr(privacy.audit, "run_audit", fake)
+    assert main(["audit", "--config", str(TINY), "--set", "privacy.mode=dp-sgd", "--canaries", "40"]) == 1
+    assert "AUDIT FAILED" in capsys.readouterr().out
+    assert seen["canaries_per_side"] == 40 and seen["trainer"] == "lora-dp" and seen["canary_words"] == 3
+    monkeypatch.setattr(privacy.audit, "run_audit", lambda cfg, **kw: {**base, "epsilon_lower_bound": 0.3,
+                                                                        "within_claim": True})
+    assert main(["audit", "--config", str(TINY), "--set", "privacy.mode=dp-sgd"]) == 0
+    assert "leakage detected (within the claimed ε)" in capsys.readouterr().out
