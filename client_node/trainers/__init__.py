@@ -10,7 +10,6 @@ from .base import TrainContext, Trainer, TrainerRefused, TrainResult
 _TRAINERS: dict[str, str] = {
     "lora": "client_node.trainers.lora:train_lora",
     "lora-dp": "client_node.trainers.lora_dp:train_lora_dp",
-    "lora-dp": "client_node.trainers.lora_dp:train_lora_dp",
     "offsite": "client_node.trainers.offsite:train_offsite",
     "sfprompt": "client_node.trainers.sfprompt:train_sfprompt",
     "dpopt": "client_node.trainers.dpopt:train_dpopt",
