@@ -94,6 +94,12 @@ class Coordinator:
         self.cfg_json = cfg.model_dump_json()
 
     # ------------------------------------------------------------------ pieces
+    def round_timeout(self, n_clients: int) -> float:
+        """Deployment: clients train in parallel, so one timeout covers the round. Simulation: virtual
+        clients share this machine's cores and run one after another, so each gets the timeout."""
+        t = self.cfg.federation.round_timeout_s
+        return t * max(1, n_clients) if self.is_simulation else t
+
     def instruction(self, round_no: int, global_payload: bytes) -> RoundInstruction:
         extra = {"labels_json": json.dumps(self.labels)}
         if self.is_simulation:
@@ -146,7 +152,7 @@ class Coordinator:
                 instr = self.instruction(r, payload)
                 clients_task = progress.add_task(f"round {r}: clients", total=len(chosen))
                 replies = transport.run_round(
-                    {n: instr for n in chosen}, fed.round_timeout_s, lambda _n: progress.advance(clients_task)
+                    {n: instr for n in chosen}, self.round_timeout(len(chosen)), lambda _n: progress.advance(clients_task)
                 )
                 progress.remove_task(clients_task)
                 outcome = self._collect(r, replies, expected, len(payload))

@@ -56,7 +56,7 @@ class FederationConfig(_Section):
     num_clients: int = Field(4, ge=1, le=1000)  # simulated data owners (simulation only)
     clients_per_round: int = Field(0, ge=0)  # 0 = every connected client
     min_clients: int = Field(1, ge=1)  # a round needs at least this many replies
-    round_timeout_s: float = Field(900.0, gt=0)
+    round_timeout_s: float = Field(900.0, gt=0)  # deployment: per round; simulation: per client (sequential)
     wait_for_clients_s: float = Field(300.0, gt=0)
     # Deployment (`coordinator serve`); the simulation ignores these.
     host: str = "127.0.0.1"  # where the SuperLink listens; "0.0.0.0" to accept other machines
