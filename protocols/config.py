@@ -123,7 +123,7 @@ class OffsiteConfig(_Section):
     use_lora: bool = False  # train the adapter layers fully (False) or with LoRA on them
     emulator_dir: str = ""  # load a prebuilt emulator instead of building one
     share: bool = True  # crash: repeat each group's kept layer at every position of its group (full depth)
-    calibration: str = "20newsgroups"  # the model owner's public text: a shared dataset name, folder or .jsonl
+    calibration: str = "vader_sentiment/nyt_editorials"  # the model owner's public text: a shared dataset name, folder or .jsonl
     massive_factor: float = Field(5.0, gt=1)  # CKA ignores tokens whose norm exceeds this x the median
     distill_lr: float = Field(1e-4, gt=0)
     distill_batch_size: int = Field(8, ge=1)

@@ -182,7 +182,7 @@ def test_emulator_build_command(tmp_path, data_root, capsys):
 
     out = tmp_path / "emu"
     args = ["emulator", "build", "--model", "tiny-llama", "--method", "crash", "--adapter-layers", "1,1", "--keep", "1",
-            "--calibration", str(data_root / "20newsgroups"), "--calibration-examples", "8", "--distill-steps", "2"]
+            "--calibration", "vader_sentiment/nyt_editorials", "--calibration-examples", "8", "--distill-steps", "2"]
     assert main(args + ["--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "unique decoder params" in printed and "75.00%" in printed and "distillation: loss" in printed

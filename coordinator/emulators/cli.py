@@ -64,7 +64,7 @@ def register_emulator(sub) -> None:
     b.add_argument("--adapter-layers", type=_adapter_layers, default=(2, 2), help="BOTTOM,TOP layers data owners train")
     b.add_argument("--keep", type=int, default=8, help="unique middle layers kept")
     b.add_argument("--no-share", action="store_true", help="crash: drop removed layers instead of repeating the kept one")
-    b.add_argument("--calibration", default="20newsgroups", help="public text: a .jsonl file, a folder, or a shared dataset name")
+    b.add_argument("--calibration", default="vader_sentiment/nyt_editorials", help="public text: a .jsonl file, a folder, or a shared dataset name")
     b.add_argument("--calibration-examples", type=int, default=64)
     b.add_argument("--max-length", type=int, default=64)
     b.add_argument("--massive-factor", type=float, default=5.0, help="robust CKA drops tokens with norm > this x median")
