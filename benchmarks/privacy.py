@@ -141,13 +141,13 @@ def main() -> None:
         "",
         f"### Cost per example-token ({args.timing_steps} steps each, same run)",
         "",
-        "| training | s | example-tokens | µs / token | ratio to non-private | peak RSS MiB | peak − RSS before training MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| training | s | example-tokens | µs / token | ratio to non-private | peak RSS MiB | peak − RSS before training MiB | that per 1k example-tokens |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     names = {"plain": "non-private", "hooks": "DP-SGD hooks", "ghost": "DP-SGD ghost clipping"}
     for name, r in ((names[m], cost[m]) for m in modes):
         lines.append(f"| {name} | {r['seconds']:.1f} | {int(r['tokens']):,} | {r['us_per_token']:.1f} | "
-                     f"{r['us_per_token'] / p['us_per_token']:.2f}× | {r['peak_rss_mb']:.0f} | {r['extra_rss_mb']:+.0f} |")
+                     f"{r['us_per_token'] / p['us_per_token']:.2f}× | {r['peak_rss_mb']:.0f} | {r['extra_rss_mb']:+.0f} | {1000 * r['extra_rss_mb'] / max(r['tokens'], 1):.0f} |")
     lines += [
         "",
         "Each cost phase runs in its own process (model loaded, then the steps), so its peak RSS is its own; "
@@ -166,7 +166,8 @@ def main() -> None:
         "",
         "Notes: reduced setting (one owner, few steps, subset of the test split) because the machine is shared; "
         "timings were taken with other jobs running, so absolute seconds are noisy — the ratios come from "
-        "back-to-back phases of one process. Accuracy differences of a few points are within the noise of "
+        "back-to-back phases of one benchmark run, each in its own process. Poisson batches differ in size, so "
+        "peak memory is also given per example-token of the (one-step) batch. Accuracy differences of a few points are within the noise of "
         f"{args.eval} evaluation rows (±{100 * (0.25 / args.eval) ** 0.5 * 2:.1f} points at 95 %).",
         "",
     ]
