@@ -12,10 +12,14 @@ import argparse
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
-import torch
+# run as a script: the repo root must win over benchmarks/ (benchmarks/privacy.py would shadow the package)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
 
 from client_node.trainers.dpopt import generate_prompts
 from fedadapt.data import load_split, read_labels, resolve_dataset_dir
