@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedadapt.cli import err, run_guarded, setup_logging
+from fedadapt.cli import command_group_parser, run_cli
 
 
 def cmd_status(args) -> int:
@@ -44,21 +44,11 @@ COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
-    p = argparse.ArgumentParser(prog="coordinator", description="fedadapt coordinator (the model owner)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
-    for target in COMMANDS:
-        module, fn = target.split(":")
-        getattr(importlib.import_module(module), fn)(sub)
-    return p
+    return command_group_parser("coordinator", "fedadapt coordinator (the model owner)", COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging(args.verbose)
-    return run_guarded(args.func, args)
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

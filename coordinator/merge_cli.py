@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fedadapt.cli import run_guarded, setup_logging
+from fedadapt.cli import run_cli
 from protocols.config import ConfigError, MergeConfig
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -181,9 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging(args.verbose)
-    return run_guarded(args.func, args)
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,26 @@ def run_guarded(fn, *a) -> int:
         return 130
 
 
+def command_group_parser(prog: str, description: str, commands: list[str]) -> argparse.ArgumentParser:
+    """A parser whose subcommands come from "module:register(subparsers)" entries (one line per group)."""
+    import importlib
+
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    for target in commands:
+        module, fn = target.split(":")
+        getattr(importlib.import_module(module), fn)(sub)
+    return p
+
+
+def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse, set up logging, run the chosen command with known errors as one line."""
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.verbose)
+    return run_guarded(args.func, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     import importlib
 

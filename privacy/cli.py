@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from fedadapt.cli import add_config_args, err, run_guarded, setup_logging
+from fedadapt.cli import add_config_args, err, run_cli
 
 
 def cmd_report(args) -> int:
@@ -82,9 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging(args.verbose)
-    return run_guarded(args.func, args)
+    return run_cli(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ from client_node.faults import apply_fault
 from client_node.join import JoinError, check_private_key, generate_node_keys, join, node_config_arg, supernode_argv
 from coordinator.certs import (CertError, authorized_key_files, generate_certificates, load_node_public_key,
                                server_hosts, tls_files)
-from coordinator.deploy import (DeployError, Security, connect_address, flwr_cli_config, key_fingerprint,
+from coordinator.deploy import (DeployError, connect_address, flwr_cli_config, key_fingerprint,
                                 prepare_run, refused_node_from_log, resolve_security, run_config_arg, superlink_argv)
 from fedadapt.processes import Child, alive, descendants
 from protocols.codecs import CodecError, get_codec
-from protocols.config import FederationConfig, load_config
+from protocols.config import FederationConfig
 from protocols.messages import UpdateEnvelope
 
 

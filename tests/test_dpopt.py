@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedadapt.data import Example, load_split, read_labels
+from fedadapt.data import load_split, read_labels
 from privacy.mechanisms.exponential import bounded_range_rdp, exponential_over_domain, exponential_top1
 from privacy.mechanisms.limited_domain import TokenAccountant, limited_domain_top1, vote_histogram
 from protocols.config import DPOPTConfig, load_config

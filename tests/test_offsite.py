@@ -9,7 +9,6 @@ import torch
 from client_node.node import handle_round
 from client_node.trainers import offsite as offsite_trainer
 from coordinator.methods.offsite import OffsiteServerMethod
-from coordinator.run_dir import RunDir
 from fedadapt.emulator import EmulatorError, decode_emulator
 from fedadapt.models import load_model
 from protocols.codecs import get_codec

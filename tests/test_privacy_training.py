@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from client_node.trainers import TrainContext, TrainerRefused, get_trainer
 from fedadapt.adapters import adapter_state
@@ -16,7 +15,7 @@ from fedadapt.partitions import dataset_labels, simulated_client_examples
 from fedadapt.data import Example
 from privacy.audit import epsilon_lower_bound, label_calibrated_scores, run_audit, split_members
 from privacy.ledger import PrivacyLedger
-from privacy.report import build_report, write_report
+from privacy.report import write_report
 from protocols.config import load_config
 
 TINY = Path(__file__).resolve().parents[1] / "simulations" / "configs" / "tiny.toml"

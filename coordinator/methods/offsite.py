@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 
-import torch
 from safetensors.torch import save
 
 from coordinator.emulators.build import HEATMAP_FILE, EmulatorSpec, cached_emulator, load_bundle
