@@ -328,7 +328,7 @@ def serve(cfg: RunConfig | None, *, resume: str | None = None, overrides: list[s
         dep.register_nodes()
         if resume:
             dep.stop_stale_runs()
-        echo(f"waiting for {cfg.federation.min_clients} data owner(s) "
+        echo(f"waiting for {cfg.federation.min_available_clients or cfg.federation.min_clients} data owner(s) "
              f"(`client join --data PATH --coordinator {connect_address(cfg.federation)}`)")
         dep.run()
     except KeyboardInterrupt:

@@ -64,7 +64,7 @@ def wait_for_nodes(transport: Transport, minimum: int, timeout: float) -> list[i
     if len(nodes) < minimum:
         raise RoundFailed(
             f"only {len(nodes)} of the required {minimum} data owners connected within {timeout:.0f}s: "
-            "start more clients (`client join --data PATH`) or lower federation.min_clients"
+            "start more clients (`client join --data PATH`) or lower federation.min_available_clients / min_clients"
         )
     return sorted(nodes)
 
@@ -146,7 +146,7 @@ class Coordinator:
             rounds_task = progress.add_task("rounds", total=cfg.rounds, completed=done)
             for r in range(done + 1, cfg.rounds + 1):
                 t_round = time.perf_counter()
-                nodes = wait_for_nodes(transport, fed.min_clients, fed.wait_for_clients_s)
+                nodes = wait_for_nodes(transport, fed.min_available_clients or fed.min_clients, fed.wait_for_clients_s)
                 chosen = sample_nodes(nodes, fed.clients_per_round, cfg.seed, r)
                 payload = get_codec("none").encode(global_state)
                 instr = self.instruction(r, payload)

@@ -56,6 +56,9 @@ class FederationConfig(_Section):
     num_clients: int = Field(4, ge=1, le=1000)  # simulated data owners (simulation only)
     clients_per_round: int = Field(0, ge=0)  # 0 = every connected client
     min_clients: int = Field(1, ge=1)  # a round needs at least this many replies
+    # A round starts once this many data owners are connected (0 = min_clients). Flower's strategies call it
+    # min_available_clients; set it to the expected federation size so early joiners do not start rounds alone.
+    min_available_clients: int = Field(0, ge=0)
     round_timeout_s: float = Field(900.0, gt=0)  # deployment: per round; simulation: per client (sequential)
     wait_for_clients_s: float = Field(300.0, gt=0)
     # Deployment (`coordinator serve`); the simulation ignores these.
@@ -212,6 +215,11 @@ class RunConfig(_Section):
             raise ValueError(
                 f"federation.clients_per_round ({fed.clients_per_round}) is below "
                 f"federation.min_clients ({fed.min_clients}); raise it or lower min_clients"
+            )
+        if fed.min_available_clients and fed.min_available_clients < fed.min_clients:
+            raise ValueError(
+                f"federation.min_available_clients ({fed.min_available_clients}) is below "
+                f"federation.min_clients ({fed.min_clients}); raise it or set it to 0 (= min_clients)"
             )
         if self.data.label_words and self.data.labels and len(self.data.label_words) != len(self.data.labels):
             raise ValueError("data.label_words needs one word per entry of data.labels")

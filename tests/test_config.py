@@ -59,3 +59,10 @@ def test_bad_override_syntax():
 def test_json_round_trip():
     cfg = RunConfig()
     assert RunConfig.model_validate_json(cfg.to_json()) == cfg
+
+
+def test_min_available_clients_cannot_undercut_min_clients():
+    with pytest.raises(ConfigError, match="min_available_clients"):
+        load_config(None, ["federation.min_available_clients=1", "federation.min_clients=2"])
+    cfg = load_config(None, ["federation.min_available_clients=3", "federation.min_clients=2"])
+    assert cfg.federation.min_available_clients == 3

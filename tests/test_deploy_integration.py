@@ -99,6 +99,7 @@ eval_examples = 16
 max_length = 32
 [federation]
 min_clients = 2
+min_available_clients = 3
 wait_for_clients_s = 240
 round_timeout_s = 100
 [train]
