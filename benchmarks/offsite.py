@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT.parent))
 
 import torch  # noqa: E402
 
-from client_node.trainers.offsite import train_steps  # noqa: E402
+from fedadapt.task import train_steps  # noqa: E402
 from coordinator.emulators.build import (  # noqa: E402
     EmulatorSpec, build_emulator, calibration_batches, calibration_texts, write_heatmap,
 )

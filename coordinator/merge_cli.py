@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 from fedadapt.cli import run_cli
+from fedadapt.paths import atomic_replace_dir
 from protocols.config import ConfigError, MergeConfig
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -114,18 +114,10 @@ def write_adapter(out_dir: str | Path, config: dict, tensors: dict[str, torch.Te
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    (tmp / "merge.json").write_text(json.dumps(info, indent=2))
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_replace_dir(out_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        (tmp / "merge.json").write_text(json.dumps(info, indent=2))
     return out_dir
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
+
+from .paths import atomic_replace_dir
 
 
 def peft_lora_config(lora_cfg):
@@ -50,15 +51,8 @@ def save_peft_adapter(peft_model, state: dict[str, torch.Tensor], out_dir: str |
     """Write ``adapter_config.json`` + ``adapter_model.safetensors``; the folder is replaced atomically."""
     out_dir = Path(out_dir)
     load_adapter_state(peft_model, state)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp)
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_replace_dir(out_dir) as tmp:
+        peft_model.save_pretrained(tmp)
     return out_dir
 
 

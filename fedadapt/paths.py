@@ -53,6 +53,33 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextlib.contextmanager
+def atomic_replace_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh sibling folder to fill; on success it replaces ``path`` (old folder kept until then).
+
+    A crash while writing leaves the previous folder intact; a crash between the two renames leaves
+    ``path.old``, which the next call cleans up.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def file_lock(path: str | Path) -> Iterator[None]:
     """An exclusive lock across processes (several Ray actors or SuperNodes may convert the model at once)."""
     path = Path(path)

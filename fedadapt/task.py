@@ -11,8 +11,9 @@ shift from left padding does not change the scores.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -118,3 +119,28 @@ def batches(examples: Sequence[Example], batch_size: int, steps: int, generator:
                 order.extend(torch.randperm(n, generator=generator).tolist())
         take, order = order[:batch_size], order[batch_size:]
         yield [examples[i] for i in take]
+
+
+def train_steps(model, params: list[torch.nn.Parameter], task: VerbalizerTask, examples, train_cfg,
+                generator: torch.Generator, on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
+    """AdamW on ``params`` with the verbalizer loss for ``train_cfg.local_steps`` batches."""
+    opt = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    model.train()
+    t0 = time.perf_counter()
+    losses, correct, seen = [], 0, 0
+    for step, chunk in enumerate(batches(examples, train_cfg.batch_size, train_cfg.local_steps, generator), 1):
+        inputs, labels = task.batch(chunk)
+        logits = task.label_logits(model, inputs)
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        correct += (logits.argmax(-1) == labels).sum().item()
+        seen += len(chunk)
+        if on_step:
+            on_step(step, losses[-1])
+    model.eval()
+    seconds = time.perf_counter() - t0
+    return {"train_loss": sum(losses) / len(losses), "train_accuracy": correct / max(seen, 1), "train_seconds": seconds,
+            "step_seconds": seconds / len(losses), "steps": float(len(losses)), "examples_seen": float(seen)}

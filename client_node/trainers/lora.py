@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 import zlib
 
 import torch
 
 from fedadapt.adapters import adapter_state, load_adapter_state, sub
 from fedadapt.models import cached_lora_model
-from fedadapt.task import VerbalizerTask, batches
+from fedadapt.task import VerbalizerTask, train_steps
 
 from .base import TrainContext, TrainResult
 
@@ -25,33 +24,6 @@ def train_lora(ctx: TrainContext) -> TrainResult:
     task = VerbalizerTask.from_config(tok, ctx.labels, cfg.data)
     load_adapter_state(model, ctx.global_state)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    model.train()
-    t0 = time.perf_counter()
-    losses, correct, seen = [], 0, 0
-    for step, chunk in enumerate(batches(ctx.examples, cfg.train.batch_size, cfg.train.local_steps, local_generator(ctx)), 1):
-        inputs, labels = task.batch(chunk)
-        logits = task.label_logits(model, inputs)
-        loss = torch.nn.functional.cross_entropy(logits, labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        correct += (logits.argmax(-1) == labels).sum().item()
-        seen += len(chunk)
-        if ctx.on_step:
-            ctx.on_step(step, losses[-1])
-    model.eval()
-    seconds = time.perf_counter() - t0
+    metrics = train_steps(model, params, task, ctx.examples, cfg.train, local_generator(ctx), ctx.on_step)
     delta = sub(adapter_state(model), ctx.global_state)
-    return TrainResult(
-        update=delta,
-        num_examples=len(ctx.examples),
-        metrics={
-            "train_loss": sum(losses) / len(losses),
-            "train_accuracy": correct / max(seen, 1),
-            "train_seconds": seconds,
-            "steps": float(len(losses)),
-            "examples_seen": float(seen),
-        },
-    )
+    return TrainResult(update=delta, num_examples=len(ctx.examples), metrics=metrics)

@@ -9,10 +9,7 @@ the delta against it.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Callable
-
 import torch
 
 from fedadapt.emulator import (
@@ -21,7 +18,7 @@ from fedadapt.emulator import (
 )
 from fedadapt.models import load_tokenizer
 from fedadapt.paths import atomic_write_bytes, home
-from fedadapt.task import VerbalizerTask, batches
+from fedadapt.task import VerbalizerTask, train_steps
 
 from .base import TrainContext, TrainResult
 from .lora import local_generator
@@ -72,31 +69,6 @@ def emulator_for(ctx: TrainContext) -> tuple[object, EmulatorPlan, int]:
         model = wrap_lora(model, plan, cfg.lora, on="emulator", seed=cfg.seed)
     _CACHE[key] = (model, plan)
     return model, plan, received
-
-
-def train_steps(model, params: list[torch.nn.Parameter], task: VerbalizerTask, examples, train_cfg,
-                generator: torch.Generator, on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
-    """AdamW on ``params`` with the verbalizer loss for ``train_cfg.local_steps`` batches."""
-    opt = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    model.train()
-    t0 = time.perf_counter()
-    losses, correct, seen = [], 0, 0
-    for step, chunk in enumerate(batches(examples, train_cfg.batch_size, train_cfg.local_steps, generator), 1):
-        inputs, labels = task.batch(chunk)
-        logits = task.label_logits(model, inputs)
-        loss = torch.nn.functional.cross_entropy(logits, labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        correct += (logits.argmax(-1) == labels).sum().item()
-        seen += len(chunk)
-        if on_step:
-            on_step(step, losses[-1])
-    model.eval()
-    seconds = time.perf_counter() - t0
-    return {"train_loss": sum(losses) / len(losses), "train_accuracy": correct / max(seen, 1), "train_seconds": seconds,
-            "step_seconds": seconds / len(losses), "steps": float(len(losses)), "examples_seen": float(seen)}
 
 
 def train_offsite(ctx: TrainContext) -> TrainResult:
