@@ -227,8 +227,8 @@ class RunConfig(_Section):
             self.privacy.mode = "dp-sgd"
         if self.privacy.mode == "dp-sgd" and self.trainer == "lora":
             self.trainer = "lora-dp"  # [privacy] mode = "dp-sgd" is how a user asks for DP LoRA
-        elif self.privacy.mode == "dp-sgd" and self.trainer != "lora-dp":
-            raise ValueError(f"privacy.mode='dp-sgd' needs trainer 'lora' or 'lora-dp', not {self.trainer!r}: "
+        elif self.privacy.mode == "dp-sgd" and self.trainer not in ("lora-dp", "offsite"):
+            raise ValueError(f"privacy.mode='dp-sgd' needs trainer 'lora', 'lora-dp' or 'offsite', not {self.trainer!r}: "
                              "set trainer = \"lora\" or privacy.mode = \"none\"")
         return self
 

@@ -12,7 +12,6 @@ from coordinator.methods.offsite import OffsiteServerMethod
 from fedadapt.emulator import EmulatorError, decode_emulator
 from fedadapt.models import load_model
 from protocols.codecs import get_codec
-from protocols.config import ConfigError
 from protocols.messages import RoundInstruction
 
 OFFSITE = ["trainer='offsite'", "offsite.adapter_layers=[1,1]", "offsite.keep=1", "offsite.calibration_examples=16"]
@@ -90,11 +89,37 @@ def test_client_trains_on_emulator_and_caches_it_by_hash(offsite_cfg, fresh_clie
     assert env3.status == "error" and "no copy of emulator" in env3.reason and "send_emulator" in env3.reason
 
 
-def test_offsite_refuses_dp_and_mismatched_emulator(offsite_cfg, tmp_path):
-    offsite_cfg.privacy.mode = "dp-sgd"
-    with pytest.raises(ConfigError, match="privacy.mode"):
-        OffsiteServerMethod(offsite_cfg, ["negative", "positive"])
-    offsite_cfg.privacy.mode = "none"
+def test_offsite_trains_under_dp_sgd_and_charges_the_ledger_first(offsite_cfg, fresh_client_cache, tmp_path):
+    from privacy.ledger import PrivacyLedger
+    from protocols.config import apply_overrides, validate_config
+
+    raw = json.loads(offsite_cfg.model_dump_json())
+    cfg = validate_config(apply_overrides(raw, ["privacy.mode='dp-sgd'", "privacy.target_epsilon=4.0", "rounds=2"]))
+    assert cfg.trainer == "offsite"
+    method = OffsiteServerMethod(cfg, ["negative", "positive"])
+    g = method.initial_global()
+    node = {"partition-id": 0, "num-partitions": 2, "ledger-dir": str(tmp_path / "ledger")}
+
+    def run(r):
+        extra = {"labels_json": json.dumps(["negative", "positive"]), **method.round_extra(r)}
+        return handle_round(RoundInstruction(round=r, run_config_json=cfg.model_dump_json(),
+                                             global_payload=get_codec("none").encode(g), extra=extra), node, {})
+
+    env = run(1)
+    assert env.status == "ok", env.reason
+    assert env.extra["dp_mechanism"] == "dp-sgd" and 0 < env.metrics["dp_epsilon_total"] <= 4.0
+    assert env.metrics["dp_noise_multiplier"] > 0
+    delta = get_codec("none").decode(env.payload, expected=method.expected_shapes(g))
+    assert any(v.abs().sum() > 0 for v in delta.values())
+    ledger = PrivacyLedger.load(PrivacyLedger.path_for(tmp_path / "ledger", env.client_name))
+    assert len(ledger.entries) == 1 and ledger.entries[0]["mechanism"] == "dp-sgd"
+    assert run(2).status == "ok"
+    # the whole participation was calibrated to the budget: a third round would exceed it and is refused
+    third = run(3)
+    assert third.status == "refused" and "budget" in third.reason
+
+
+def test_offsite_refuses_mismatched_emulator(offsite_cfg, tmp_path):
     offsite_cfg.offsite.emulator_dir = str(tmp_path / "nothing-here")
     with pytest.raises(EmulatorError, match="coordinator emulator build"):
         OffsiteServerMethod(offsite_cfg, ["negative", "positive"])

@@ -66,9 +66,12 @@ def dp_plan(cfg, n_local: int) -> dict:
             "expected_batch_size": n_local * q}
 
 
-def train_lora_dp(ctx: TrainContext) -> TrainResult:
-    cfg = ctx.cfg
-    p = cfg.privacy
+def charge_dp_round(ctx: TrainContext) -> tuple[dict, dict]:
+    """(DP plan, ledger entry): this round's DP-SGD steps charged to the owner's ledger, before any training.
+
+    Shared by every trainer that runs DP-SGD (``lora-dp``, ``offsite`` under ``privacy.mode = "dp-sgd"``).
+    """
+    cfg, p = ctx.cfg, ctx.cfg.privacy
     n = len(ctx.examples)
     plan = dp_plan(cfg, n)
     if ctx.ledger_dir is None:
@@ -82,26 +85,40 @@ def train_lora_dp(ctx: TrainContext) -> TrainResult:
                               note={"max_grad_norm": p.max_grad_norm, "n_local": n, "batch_size": cfg.train.batch_size})
     except (BudgetExceeded, LedgerError) as e:
         raise TrainerRefused(str(e)) from None
+    return plan, entry
 
-    model, tok = cached_lora_model(cfg.model, cfg.lora, seed=cfg.seed)
-    task = VerbalizerTask.from_config(tok, ctx.labels, cfg.data)
-    load_adapter_state(model, ctx.global_state)
-    stats = run_dp_sgd(model, task, ctx.examples, steps=cfg.train.local_steps, batch_size=cfg.train.batch_size,
-                       lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, noise_multiplier=plan["noise_multiplier"],
-                       max_grad_norm=p.max_grad_norm, grad_sample_mode=p.grad_sample_mode, on_step=ctx.on_step)
-    delta_state = sub(adapter_state(model), ctx.global_state)
-    metrics = {
-        **stats,
+
+def dp_round_metrics(cfg, plan: dict, entry: dict) -> dict[str, float]:
+    return {
         "dp_epsilon_round": entry["epsilon_round"],
         "dp_epsilon_total": entry["epsilon_total"],
         "dp_epsilon_cross_check": entry["epsilon_cross_check"],
         "dp_delta": plan["delta"],
         "dp_noise_multiplier": plan["noise_multiplier"],
         "dp_sample_rate": plan["sample_rate"],
-        "dp_epsilon_budget": p.target_epsilon,
+        "dp_epsilon_budget": cfg.privacy.target_epsilon,
     }
-    return TrainResult(update=delta_state, num_examples=n, metrics=metrics,
-                       extra={"dp_accountant": p.accountant, "dp_mechanism": "dp-sgd"})
+
+
+def dp_sgd_steps(model, task: VerbalizerTask, ctx: TrainContext, plan: dict) -> dict[str, float]:
+    """This round's DP-SGD steps on ``model``'s trainable parameters, with the run config's settings."""
+    cfg, p = ctx.cfg, ctx.cfg.privacy
+    return run_dp_sgd(model, task, ctx.examples, steps=cfg.train.local_steps, batch_size=cfg.train.batch_size,
+                      lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, noise_multiplier=plan["noise_multiplier"],
+                      max_grad_norm=p.max_grad_norm, grad_sample_mode=p.grad_sample_mode, on_step=ctx.on_step)
+
+
+def train_lora_dp(ctx: TrainContext) -> TrainResult:
+    cfg = ctx.cfg
+    plan, entry = charge_dp_round(ctx)
+    model, tok = cached_lora_model(cfg.model, cfg.lora, seed=cfg.seed)
+    task = VerbalizerTask.from_config(tok, ctx.labels, cfg.data)
+    load_adapter_state(model, ctx.global_state)
+    stats = dp_sgd_steps(model, task, ctx, plan)
+    delta_state = sub(adapter_state(model), ctx.global_state)
+    return TrainResult(update=delta_state, num_examples=len(ctx.examples),
+                       metrics={**stats, **dp_round_metrics(cfg, plan, entry)},
+                       extra={"dp_accountant": cfg.privacy.accountant, "dp_mechanism": "dp-sgd"})
 
 
 def run_dp_sgd(model, task: VerbalizerTask, examples, *, steps: int, batch_size: int, lr: float, weight_decay: float,

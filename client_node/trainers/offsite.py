@@ -2,7 +2,8 @@
 
 The emulator arrives with the round instruction (``extra["emulator_payload"]``, safetensors bytes,
 content-addressed by ``extra["emulator_sha256"]``) and is cached on this node by hash, so later
-rounds carry only the hash. The global state is the adapter layers' weights (``offsite.use_lora =
+rounds carry only the hash. With ``privacy.mode = "dp-sgd"`` the adapter layers (or their LoRA tensors)
+train under Opacus exactly as the ``lora-dp`` trainer does: ε charged to the owner's ledger first. The global state is the adapter layers' weights (``offsite.use_lora =
 false``) or LoRA tensors on them (``true``), always named by full-model layer index; the update is
 the delta against it.
 """
@@ -22,6 +23,7 @@ from fedadapt.task import VerbalizerTask, train_steps
 
 from .base import TrainContext, TrainResult
 from .lora import local_generator
+from .lora_dp import charge_dp_round, dp_round_metrics, dp_sgd_steps
 
 # Emulators built in this process, by (sha256, mode): Ray actors and SuperNode processes stay alive.
 _CACHE: dict[tuple[str, str], tuple[object, EmulatorPlan]] = {}
@@ -84,8 +86,15 @@ def train_offsite(ctx: TrainContext) -> TrainResult:
             p.requires_grad_(True)
         params = list(live.values())
     task = VerbalizerTask.from_config(load_tokenizer(cfg.model), ctx.labels, cfg.data)
-    metrics = train_steps(model, params, task, ctx.examples, cfg.train, local_generator(ctx), ctx.on_step)
+    extra = {}
+    if cfg.privacy.mode == "dp-sgd":
+        # the emulator arrived above (it holds no private data); ε is charged before any example is touched
+        plan_dp, entry = charge_dp_round(ctx)
+        metrics = {**dp_sgd_steps(model, task, ctx, plan_dp), **dp_round_metrics(cfg, plan_dp, entry)}
+        extra = {"dp_accountant": cfg.privacy.accountant, "dp_mechanism": "dp-sgd"}
+    else:
+        metrics = train_steps(model, params, task, ctx.examples, cfg.train, local_generator(ctx), ctx.on_step)
     after = lora_state(model, plan, on="emulator") if cfg.offsite.use_lora else adapter_layer_state(model, plan, on="emulator")
     delta = {k: after[k] - ctx.global_state[k].to(after[k].dtype) for k in ctx.global_state}
     metrics.update(emulator_bytes_received=float(received), trainable_params=float(sum(p.numel() for p in params)))
-    return TrainResult(update=delta, num_examples=len(ctx.examples), metrics=metrics)
+    return TrainResult(update=delta, num_examples=len(ctx.examples), metrics=metrics, extra=extra)
