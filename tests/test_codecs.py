@@ -293,3 +293,23 @@ def _raw_container(header_bytes: bytes, body: bytes) -> bytes:
 
     head = struct.pack("<4sBI", MAGIC, 1, len(header_bytes)) + header_bytes + body
     return head + hashlib.sha256(head).digest()
+
+
+def test_deflated_header_bomb_and_truncation_are_refused():
+    import hashlib
+    import zlib
+
+    from protocols.codecs.base import MAX_HEADER_BYTES
+
+    def v2(header_bytes: bytes) -> bytes:
+        head = struct.pack("<4sBI", MAGIC, 2, len(header_bytes)) + header_bytes
+        return head + hashlib.sha256(head).digest()
+
+    bomb = zlib.compress(b" " * (MAX_HEADER_BYTES + 1), 9)
+    assert len(bomb) < 100_000
+    with pytest.raises(CodecError, match="inflates past"):
+        get_codec("none").decode(v2(bomb))
+    good = zlib.compress(b'{"codec":"none","codec_version":1,"tensors":[]}')
+    with pytest.raises(CodecError, match="header is malformed"):
+        get_codec("none").decode(v2(good[:-3]))
+    assert get_codec("none").decode(v2(good)) == {}

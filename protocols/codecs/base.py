@@ -2,9 +2,11 @@
 
 Wire layout (all integers little-endian)::
 
-    b"FDAU" | u8 format version | u32 header length | header JSON | body | 32-byte SHA-256 of all before
+    b"FDAU" | u8 format version | u32 header length | header | body | 32-byte SHA-256 of all before
 
-The header names the codec, its version, and every tensor (name, shape, dtype) plus codec-specific
+Format 2 (written) deflates the header JSON: 120 LoRA tensor names repeat the same long prefixes, so
+zlib shrinks the header ~10x, which matters when a sparse body is only a few KB. Format 1 (plain JSON
+header) is still read. The header names the codec, its version, and every tensor (name, shape, dtype) plus codec-specific
 fields. The decoder checks size, magic, checksum, header schema and tensor shapes before a codec
 sees the body, so a codec's own decode only has to validate its body layout.
 """
@@ -15,13 +17,15 @@ import hashlib
 import json
 import math
 import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 MAGIC = b"FDAU"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # 1: plain JSON header, 2: deflated JSON header
 _PREFIX = struct.Struct("<4sBI")
 _DIGEST = 32
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -64,7 +68,7 @@ def pack(container: Container) -> bytes:
         "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in container.tensors],
         "extra": container.extra,
     }
-    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     head = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hb)) + hb + container.body
     return head + hashlib.sha256(head).digest()
 
@@ -82,14 +86,17 @@ def unpack(payload: bytes, max_bytes: int) -> Container:
     magic, version, hlen = _PREFIX.unpack_from(payload)
     if magic != MAGIC:
         raise CodecError("update does not start with the fedadapt container magic: not a fedadapt update or corrupt")
-    if version != FORMAT_VERSION:
-        raise CodecError(f"update container version {version} is not supported (expected {FORMAT_VERSION})")
+    if version not in _READABLE_VERSIONS:
+        raise CodecError(f"update container version {version} is not supported (expected one of {_READABLE_VERSIONS})")
     if hashlib.sha256(payload[:-_DIGEST]).digest() != payload[-_DIGEST:]:
         raise CodecError("update checksum mismatch: the payload was corrupted or truncated in transit")
     if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(payload) - _DIGEST:
         raise CodecError("update header length is out of range")
+    raw_header = payload[_PREFIX.size : _PREFIX.size + hlen]
+    if version == 2:
+        raw_header = _inflate_header(raw_header)
     try:
-        header = json.loads(payload[_PREFIX.size : _PREFIX.size + hlen])
+        header = json.loads(raw_header)
         tensors = [
             TensorSpec(str(t["name"]), tuple(int(s) for s in t["shape"]), str(t["dtype"])) for t in header["tensors"]
         ]
@@ -107,6 +114,20 @@ def unpack(payload: bytes, max_bytes: int) -> Container:
         if any(s < 0 for s in t.shape) or len(t.shape) > 8 or t.numel > max_bytes:
             raise CodecError(f"tensor {t.name!r} has an impossible shape {t.shape}")
     return Container(codec, codec_version, tensors, payload[_PREFIX.size + hlen : -_DIGEST], extra)
+
+
+def _inflate_header(data: bytes) -> bytes:
+    """Inflate at most MAX_HEADER_BYTES: a tiny deflated header must not expand into gigabytes."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, MAX_HEADER_BYTES)
+    except zlib.error as e:
+        raise CodecError(f"update header is malformed: {e}") from None
+    if d.unconsumed_tail:
+        raise CodecError(f"update header inflates past {MAX_HEADER_BYTES} bytes: refused")
+    if not d.eof or d.unused_data:
+        raise CodecError("update header is malformed: its deflate stream is incomplete or has trailing bytes")
+    return out
 
 
 def check_expected(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]] | None) -> None:
