@@ -64,7 +64,97 @@ def finetune(model, plan, start_state, on, task, rows, cfg, seed):
     return adapter_layer_state(model, plan, on=on), metrics
 
 
-def write_report(args, keeps, records, ref, full_zero, full_lm, sim, texts, rows_eval, bottom, top, t_start, total_settings):
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM): per address space, so unlike getrusage's ru_maxrss it does
+    not inherit the forking parent's high-water mark across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def client_process(args) -> None:
+    """One data owner's process (run in a fresh interpreter so peak RSS is its own): load the emulator
+    from its payload, or the full model, then train the adapter layers for a few steps. Prints JSON."""
+    from fedadapt.emulator import build_emulator_model, decode_emulator
+    from fedadapt.models import load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(ROOT.parent / "simulations" / "configs" / "offsite.toml", [
+        f"train.local_steps={args.steps}", f"train.batch_size={args.batch}", f"train.lr={args.lr}", f"model='{args.model}'"])
+    rss_imports = peak_rss()
+    state_file = Path(args.client_process[1])
+    from safetensors.torch import load_file
+
+    init = load_file(str(state_file))
+    if args.client_process[0] == "emulator":
+        tensors, plan, config = decode_emulator(Path(args.client_process[2]).read_bytes())
+        model = build_emulator_model({**tensors, **init}, plan, config)
+        del tensors
+        on = "emulator"
+    else:
+        from fedadapt.emulator import EmulatorPlan
+
+        model, _, _ = load_model(cfg.model)
+        plan = EmulatorPlan.from_json(Path(args.client_process[2]).read_text())
+        on = "full"
+    tok = load_tokenizer(cfg.model)
+    task = VerbalizerTask.from_config(tok, ["negative", "positive"], cfg.data)
+    from fedadapt.data import load_split, resolve_dataset_dir
+
+    rows = load_split(resolve_dataset_dir(cfg.data.dataset, cfg.data.root), "train", ["negative", "positive"])
+    rss_loaded = peak_rss()
+    params_held = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    _, metrics = finetune(model, plan, init, on, task, rows, cfg, 0)
+    rss_peak = peak_rss()
+    print(json.dumps({"side": args.client_process[0], "rss_imports": rss_imports, "rss_loaded": rss_loaded,
+                      "rss_peak": rss_peak, "params_held": params_held, "step_s": metrics["step_seconds"]}))
+
+
+def measure_client_processes(args, bundle, init, tmp: Path) -> dict:
+    """Peak RSS and step time of a data owner's process training on the emulator vs on the full model."""
+    import subprocess
+
+    from safetensors.torch import save_file
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "emulator.safetensors").write_bytes(bundle.payload)
+    (tmp / "plan.json").write_text(bundle.plan.to_json())
+    save_file({k: v.contiguous() for k, v in init.items()}, str(tmp / "init.safetensors"))
+    out = {}
+    for side, arg in (("emulator", tmp / "emulator.safetensors"), ("full", tmp / "plan.json")):
+        cmd = [sys.executable, __file__, "--client-process", side, str(tmp / "init.safetensors"), str(arg),
+               "--steps", str(args.memory_steps), "--batch", str(args.batch), "--lr", str(args.lr),
+               "--threads", str(args.threads), "--model", args.model]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if res.returncode != 0:
+            raise RuntimeError(f"client process ({side}) failed:\n{res.stderr[-3000:]}")
+        out[side] = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"client process on the {side}: {json.dumps(out[side])}", flush=True)
+    return out
+
+
+def memory_table(mem: dict | None, setting: str) -> str:
+    if not mem:
+        return "(client process memory not measured in this run)"
+    e, f = mem["emulator"], mem["full"]
+    mb = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+    rows = [
+        "| data owner's process | parameters held | RSS after imports | RSS with model loaded | peak RSS while training | step s |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| emulator ({setting}) | {e['params_held'] / 1e6:.1f} M | {mb(e['rss_imports'])} | {mb(e['rss_loaded'])} | "
+        f"**{mb(e['rss_peak'])}** | {e['step_s']:.2f} |",
+        f"| full model | {f['params_held'] / 1e6:.1f} M | {mb(f['rss_imports'])} | {mb(f['rss_loaded'])} | "
+        f"**{mb(f['rss_peak'])}** | {f['step_s']:.2f} |",
+        f"| ratio | {e['params_held'] / f['params_held']:.2f}x | | | {e['rss_peak'] / f['rss_peak']:.2f}x "
+        f"(above imports: {(e['rss_peak'] - e['rss_imports']) / max(f['rss_peak'] - f['rss_imports'], 1):.2f}x) | "
+        f"{e['step_s'] / f['step_s']:.2f}x |",
+    ]
+    return "\n".join(rows)
+
+
+def write_report(args, keeps, records, ref, full_zero, full_lm, sim, texts, rows_eval, bottom, top, t_start, total_settings,
+                 mem=None):
     header = ("| emulator | keep | distill | depth | unique decoder params | bytes sent | emulator LM loss | "
               "emulator zero-shot | emulator fine-tuned | plug-in | plug-in − full FT | step s (emulator / full) |")
     lines = [header, "|" + "---|" * 12]
@@ -117,6 +207,12 @@ Notes (honest reading of this table):
   of the full-model fine-tune in {close} of {len(records)}; emulator fine-tuned at least 5 points below its plug-in
   (the model owner's protection) in {protected} of {len(records)}; unique decoder parameters <= 40% in
   {small} of {len(records)}. Settings meeting all four: {all_four}.
+
+Client process memory and step time, each side in a fresh process ({args.memory_steps} training steps of
+the adapter layers, batch {args.batch}, peak resident set size VmHWM from /proc):
+
+{memory_table(mem, f"{keeps[0]} kept, {args.methods.split(',')[-1]}")}
+
 - Few steps and {len(rows_eval)} eval rows: differences of ~2 points are within noise (one row = {100 / len(rows_eval):.1f} pt).
 """
     Path(args.out).write_text(section)
@@ -139,7 +235,12 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="tiny-llama: a seconds-long check of this script")
     ap.add_argument("--adapter-layers", default="2,2")
     ap.add_argument("--out", default=str(ROOT / "results" / "offsite.md"))
+    ap.add_argument("--memory-steps", type=int, default=5, help="steps in each client-process memory measurement")
+    ap.add_argument("--client-process", nargs=3, metavar=("SIDE", "INIT", "PAYLOAD_OR_PLAN"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.client_process:
+        client_process(args)
+        return
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
@@ -169,7 +270,7 @@ def main() -> None:
     print(f"full zero-shot {full_zero['accuracy']:.3f}; fine-tuning the adapter layers on the full model …", flush=True)
 
     records = []
-    ref = None
+    ref = mem = None
     keeps = [int(k) for k in args.keeps.split(",")]
     total_settings = len(args.methods.split(",")) * len(keeps) * 2
     for keep in keeps:  # keep-major: a cut-short run still compares both methods at the first keep
@@ -210,9 +311,13 @@ def main() -> None:
                 records.append(rec)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}), flush=True)
                 section = write_report(args, keeps, records, ref, full_zero, full_lm, sim, texts, rows_eval, bottom, top, t_start,
-                                       total_settings)
-                if method == "crash" and keep == keeps[0] and distill_steps == 0:  # the map and groups, not the payload
+                                       total_settings, mem)
+                if method == args.methods.split(",")[-1] and keep == keeps[0] and distill_steps == 0:
                     write_heatmap(sim, bundle.plan, Path(args.out).with_name(Path(args.out).stem + "_similarity.png"))
+                    import tempfile
+
+                    with tempfile.TemporaryDirectory() as tmp:
+                        mem = measure_client_processes(args, bundle, init, Path(tmp))
                 del emu
     print(section)
 
