@@ -89,7 +89,7 @@ def client_process(args) -> None:
     init = load_file(str(state_file))
     if args.client_process[0] == "emulator":
         tensors, plan, config = decode_emulator(Path(args.client_process[2]).read_bytes())
-        model = build_emulator_model({**tensors, **init}, plan, config)
+        model = build_emulator_model({**tensors, **init}, plan, config, take_ownership=True)
         del tensors
         on = "emulator"
     else:

@@ -232,7 +232,8 @@ def decode_emulator(payload: bytes, *, expected_sha256: str = "") -> tuple[dict[
     return tensors, EmulatorPlan.from_json(meta["plan"]), json.loads(meta["config"])
 
 
-def build_emulator_model(tensors: Mapping[str, torch.Tensor], plan: EmulatorPlan, model_config: dict):
+def build_emulator_model(tensors: Mapping[str, torch.Tensor], plan: EmulatorPlan, model_config: dict, *,
+                         take_ownership: bool = False):
     """A real ``LlamaForCausalLM`` of ``plan.depth`` layers whose middle positions share modules.
 
     Adapter layers come from ``tensors`` when present, else they keep random init until the global
@@ -245,41 +246,63 @@ def build_emulator_model(tensors: Mapping[str, torch.Tensor], plan: EmulatorPlan
     n_adapters = plan.bottom + plan.top
     unique = plan.unique_middle
     cfg.num_hidden_layers = n_adapters + len(unique)  # build only the modules that exist, then arrange them
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    # Built on the meta device and filled by assignment: no random init first. ``take_ownership`` (a client's
+    # freshly decoded payload) makes the received tensors the parameters, so the client holds the emulator
+    # once, not twice; otherwise they are copied (the model owner passes its live full-model weights).
+    with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # computed buffers, not weights
     slots = list(model.model.layers)
     bottom, middle, top = slots[: plan.bottom], slots[plan.bottom : plan.bottom + len(unique)], slots[plan.bottom + len(unique):]
     by_source = dict(zip(unique, middle))
-    with torch.no_grad():
-        model.model.embed_tokens.weight.copy_(tensors["model.embed_tokens.weight"])
-        model.model.norm.weight.copy_(tensors["model.norm.weight"])
-        if "lm_head.weight" in tensors:
-            model.lm_head.weight.copy_(tensors["lm_head.weight"])
-        for f, layer in by_source.items():
-            _load_layer(layer, tensors, f"middle.{f}.")
-        adapters = dict(zip(plan.adapter_full_indices, bottom + top))
-        if any(k.startswith("model.layers.") for k in tensors):
-            for f, layer in adapters.items():
-                _load_layer(layer, tensors, f"model.layers.{f}.")
+    own = take_ownership
+    _assign(model.model.embed_tokens, tensors, "model.embed_tokens.", own)
+    _assign(model.model.norm, tensors, "model.norm.", own)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    else:
+        _assign(model.lm_head, tensors, "lm_head.", own)
+    for f, layer in by_source.items():
+        _assign(layer, tensors, f"middle.{f}.", own)
+    adapters = dict(zip(plan.adapter_full_indices, bottom + top))
+    with_adapters = any(k.startswith("model.layers.") for k in tensors)
+    for f, layer in adapters.items():
+        if with_adapters:
+            _assign(layer, tensors, f"model.layers.{f}.", own)
+        else:  # random init until the global adapter state is loaded
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(f)
+                layer.to_empty(device="cpu")
+                for m in layer.modules():
+                    if hasattr(m, "reset_parameters"):
+                        m.reset_parameters()
+                    elif type(m).__name__.endswith("RMSNorm"):
+                        torch.nn.init.ones_(m.weight)
     arranged = bottom + [by_source[s] for s in plan.middle_sources] + top
     model.model.layers = torch.nn.ModuleList(arranged)
     model.config.num_hidden_layers = plan.depth
     for i, layer in enumerate(arranged):
         if i < plan.bottom or i >= plan.depth - plan.top:
             layer.self_attn.layer_idx = i  # shared middle modules keep one index; runs use use_cache=False
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise EmulatorError(f"emulator payload left {left[:3]} unset: rebuild it with `coordinator emulator build`")
     model.eval()
     return model
 
 
-def _load_layer(layer, tensors: Mapping[str, torch.Tensor], prefix: str) -> None:
-    for name, p in layer.named_parameters():
+def _assign(module, tensors: Mapping[str, torch.Tensor], prefix: str, own: bool) -> None:
+    """Set the module's parameters from ``tensors[prefix + name]`` (shape-checked, float32; copied unless ``own``)."""
+    state = {}
+    for name, p in module.named_parameters():
         key = prefix + name
         if key not in tensors:
             raise EmulatorError(f"emulator payload lacks {key!r}: rebuild it with `coordinator emulator build`")
         if tuple(tensors[key].shape) != tuple(p.shape):
             raise EmulatorError(f"emulator tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {tuple(p.shape)}")
-        p.copy_(tensors[key])
+        t = tensors[key].detach()
+        state[name] = t.to(torch.float32) if own else t.to(torch.float32, copy=True)
+    module.load_state_dict(state, strict=True, assign=True)
 
 
 def unique_decoder_params(model) -> int:

@@ -192,3 +192,25 @@ def test_emulator_build_command(tmp_path, data_root, capsys):
     assert (out / "similarity.png").read_bytes()[:4] == b"\x89PNG"
     assert main(args[:-6] + ["--keep", "5", "--out", str(tmp_path / "bad")]) == 2  # 5 of 2 middle layers
     assert "offsite.keep must be between 1 and 2" in capsys.readouterr().err
+
+
+def test_emulator_copies_live_weights_unless_it_owns_them():
+    from fedadapt.emulator import decode_emulator, encode_emulator
+
+    full = small_llama(8)
+    plan = plan_uniform(8, 2, 2, 2)
+    tensors = emulator_tensors(full, plan, include_adapters=True)
+    emu = build_emulator_model(tensors, plan, full.config.to_dict())
+    ptrs = {p.data_ptr() for p in full.parameters()}
+    assert not any(p.data_ptr() in ptrs for p in emu.parameters()), "training the emulator must not touch the full model"
+    assert not any(p.is_meta for p in emu.parameters()) and torch.isfinite(emu.model.rotary_emb.inv_freq).all()
+    decoded, plan2, config = decode_emulator(encode_emulator(tensors, plan, full.config.to_dict()))
+    owned = build_emulator_model(decoded, plan2, config, take_ownership=True)
+    assert owned.model.embed_tokens.weight.data_ptr() == decoded["model.embed_tokens.weight"].data_ptr()
+    assert owned.lm_head.weight is owned.model.embed_tokens.weight
+    ids = torch.randint(0, 64, (2, 7))
+    assert torch.allclose(emu(input_ids=ids, use_cache=False).logits, owned(input_ids=ids, use_cache=False).logits)
+
+    bare = build_emulator_model(emulator_tensors(full, plan, include_adapters=False), plan, full.config.to_dict())
+    assert not any(p.is_meta for p in bare.parameters())
+    assert torch.isfinite(bare(input_ids=ids, use_cache=False).logits).all()

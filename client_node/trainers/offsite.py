@@ -61,7 +61,7 @@ def emulator_for(ctx: TrainContext) -> tuple[object, EmulatorPlan, int]:
         return (*_CACHE[key], 0)
     tensors, plan, config, received = receive_emulator(ctx.extra)
     has_adapter_layers = any(k.startswith("model.layers.") for k in tensors)
-    model = build_emulator_model(tensors, plan, config)
+    model = build_emulator_model(tensors, plan, config, take_ownership=True)
     del tensors
     for p in model.parameters():
         p.requires_grad_(False)
