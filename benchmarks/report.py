@@ -10,11 +10,12 @@ import platform
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-ORDER = ["foundation", "deployment", "privacy", "codecs", "offsite", "sfprompt", "dpopt"]
+ORDER = ["foundation", "deployment", "privacy", "codecs", "offsite", "offsite_memory", "sfprompt", "dpopt"]
 
 
 def main() -> None:
-    parts = sorted((ROOT / "results").glob("*.md"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
+    # *.notes.md are hand-written notes a script folds into its own section, not sections of their own
+    parts = sorted((p for p in (ROOT / "results").glob("*.md") if not p.name.endswith(".notes.md")), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
     head = [
         "# fedadapt benchmarks",
         "",
