@@ -2,15 +2,16 @@
 
 The emulator arrives with the round instruction (``extra["emulator_payload"]``, safetensors bytes,
 content-addressed by ``extra["emulator_sha256"]``) and is cached on this node by hash, so later
-rounds carry only the hash. With ``privacy.mode = "dp-sgd"`` the adapter layers (or their LoRA tensors)
-train under Opacus exactly as the ``lora-dp`` trainer does: ε charged to the owner's ledger first. The global state is the adapter layers' weights (``offsite.use_lora =
+rounds carry only the hash. The global state is the adapter layers' weights (``offsite.use_lora =
 false``) or LoRA tensors on them (``true``), always named by full-model layer index; the update is
-the delta against it.
+the delta against it. With ``privacy.mode = "dp-sgd"`` they train under Opacus exactly as in the
+``lora-dp`` trainer, ε charged to the owner's ledger first.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 
 from fedadapt.emulator import (
