@@ -27,8 +27,9 @@ def _cfg(*overrides):
 
 def test_dp_mode_selects_the_dp_trainer():
     assert _cfg().trainer == "lora-dp"
+    assert _cfg("trainer=offsite").trainer == "offsite"  # offsite trains its adapter layers under DP-SGD
     with pytest.raises(Exception, match="needs trainer"):
-        _cfg("trainer=offsite")
+        _cfg("trainer=sfprompt")
 
 
 def test_lora_dp_trains_charges_and_refuses(tmp_path):
