@@ -154,7 +154,7 @@ def memory_table(mem: dict | None, setting: str) -> str:
 
 
 def write_report(args, keeps, records, ref, full_zero, full_lm, sim, texts, rows_eval, bottom, top, t_start, total_settings,
-                 mem=None):
+                 calibration: str):
     header = ("| emulator | keep | distill | depth | unique decoder params | bytes sent | emulator LM loss | "
               "emulator zero-shot | emulator fine-tuned | plug-in | plug-in − full FT | step s (emulator / full) |")
     lines = [header, "|" + "---|" * 12]
@@ -181,10 +181,11 @@ def write_report(args, keeps, records, ref, full_zero, full_lm, sim, texts, rows
 Setting: {args.model} ({sim.all_tokens.shape[0]} layers), rotten_tomatoes, prompt "Review: {{text}}\\nSentiment:", label-word
 logits. Adapter layers {bottom} bottom + {top} top ({ref['trainable']:,} parameters) trained fully with AdamW,
 lr {args.lr}, batch {args.batch}, **{args.steps} steps** (same batches in every setting), evaluated on the first
-**{len(rows_eval)} test rows**. Emulators are built from {len(texts)} 20newsgroups texts (public calibration
+**{len(rows_eval)} test rows**. Emulators are built from {len(texts)} `{calibration}` texts (public calibration
 text, not the task's); `keep` = unique middle layers of {sim.all_tokens.shape[0] - bottom - top}; uniform drops layers (shallower emulator), crash
-shares each group's medoid layer over the group (full depth). Distillation: {args.distill_steps} steps, batch 8,
-lr 1e-4 (hidden-state + logit matching on the calibration text). Centralised (one data owner) so every row
+shares each group's medoid layer over the group (full depth). Distillation: {args.distill_grid.replace(',', ' or ')} steps, batch 8,
+lr {args.distill_lr:g}, cycling over {args.distill_examples or len(texts)} public texts of the same set{' (plain)' if args.distill_plain else ', each wrapped in the task prompt'}
+(hidden-state matching at the top boundary + next-token distribution at the last position). Centralised (one data owner) so every row
 sees identical data; {len(records)} of {total_settings} settings done; {args.threads} torch threads on a shared 2-core CPU. Total {time.perf_counter() - t_start:.0f} s.
 
 Measured in the same run: **full model zero-shot {full_zero['accuracy']:.3f}**; **full-model fine-tune of
@@ -229,7 +230,10 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=200, help="rotten_tomatoes test rows")
     ap.add_argument("--keeps", default="8,13,18")
     ap.add_argument("--methods", default="uniform,crash")
-    ap.add_argument("--distill-steps", type=int, default=30)
+    ap.add_argument("--distill-grid", default="0,30", help="distillation steps to compare for every emulator")
+    ap.add_argument("--distill-examples", type=int, default=0, help="public texts distillation cycles over (0 = calibration)")
+    ap.add_argument("--distill-lr", type=float, default=1e-4)
+    ap.add_argument("--distill-plain", action="store_true", help="distil on plain public text, not wrapped in the task's prompt")
     ap.add_argument("--calibration-examples", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="smollm2-135m", help="tiny-llama: a seconds-long check of this script")
@@ -264,15 +268,8 @@ def main() -> None:
     calib = calibration_batches(tok, texts, cfg.data.max_length)
     print(f"calibration similarity on {len(texts)} texts …", flush=True)
     sim = layer_similarity(full, calib, massive_factor=cfg.offsite.massive_factor)
-
-    full_zero = evaluate(full, task, rows_eval, batch_size=50)
-    full_lm = lm_loss(full, calib[:2])
-    base_state = full.state_dict()
     bottom, top = cfg.offsite.adapter_layers
-    print(f"full zero-shot {full_zero['accuracy']:.3f}; fine-tuning the adapter layers on the full model …", flush=True)
 
-    records = []
-    ref = mem = None
     if args.memory_only:
         method, keep = args.methods.split(",")[-1], int(args.keeps.split(",")[0])
         spec = EmulatorSpec(model=cfg.model, method=method, bottom=bottom, top=top, keep=keep, share=True,
@@ -301,14 +298,24 @@ activation memory during training is the full model's; the saving is in the weig
         out.write_text(section)
         print(section)
         return
+    full_zero = evaluate(full, task, rows_eval, batch_size=50)
+    full_lm = lm_loss(full, calib[:2])
+    base_state = full.state_dict()
+    print(f"full zero-shot {full_zero['accuracy']:.3f}; fine-tuning the adapter layers on the full model …", flush=True)
+
+    records = []
+    ref = None
     keeps = [int(k) for k in args.keeps.split(",")]
-    total_settings = len(args.methods.split(",")) * len(keeps) * 2
+    distill_grid = [int(d) for d in args.distill_grid.split(",")]
+    total_settings = len(args.methods.split(",")) * len(keeps) * len(distill_grid)
     for keep in keeps:  # keep-major: a cut-short run still compares both methods at the first keep
         for method in args.methods.split(","):
-            for distill_steps in (0, args.distill_steps):
+            for distill_steps in distill_grid:
                 spec = EmulatorSpec(model=cfg.model, method=method, bottom=bottom, top=top, keep=keep, share=True,
                                     calibration=cfg.offsite.calibration, calibration_examples=args.calibration_examples,
-                                    max_length=cfg.data.max_length, distill_steps=distill_steps)
+                                    max_length=cfg.data.max_length, distill_steps=distill_steps,
+                                    distill_examples=args.distill_examples, distill_lr=args.distill_lr,
+                                    distill_prompt="" if args.distill_plain or not distill_steps else cfg.data.prompt)
                 t0 = time.perf_counter()
                 bundle, _ = build_emulator(spec, full, tok, similarity=sim, progress=lambda *_: None)
                 build_s = time.perf_counter() - t0
@@ -341,8 +348,8 @@ activation memory during training is the full model's; the saving is in the weig
                 records.append(rec)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}), flush=True)
                 section = write_report(args, keeps, records, ref, full_zero, full_lm, sim, texts, rows_eval, bottom, top, t_start,
-                                       total_settings, mem)
-                if method == args.methods.split(",")[-1] and keep == keeps[0] and distill_steps == 0:
+                                       total_settings, cfg.offsite.calibration)
+                if method == args.methods.split(",")[-1] and keep == keeps[0] and distill_steps == distill_grid[0]:
                     write_heatmap(sim, bundle.plan, Path(args.out).with_name(Path(args.out).stem + "_similarity.png"))
                 del emu
     print(section)

@@ -52,28 +52,8 @@ class VerbalizerTask:
                          label_words=data_cfg.label_words or None)
 
     # ------------------------------------------------------------------ encoding
-    def _ids(self, text: str) -> list[int]:
-        tok = self.tokenizer
-        ids = tok(self.prompt.format(text=text))["input_ids"]
-        if len(ids) <= self.max_length:
-            return ids
-        # too long: cut the text, never the instruction after it ("\nSentiment:")
-        prefix, suffix = self.prompt.split("{text}", 1)
-        head = tok(prefix + text)["input_ids"]
-        tail = tok(suffix, add_special_tokens=False)["input_ids"]
-        keep = max(1, self.max_length - len(tail))
-        return head[:keep] + tail
-
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        rows = [self._ids(t) for t in texts]
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding
-            input_ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
-        return {"input_ids": input_ids, "attention_mask": mask}
+        return encode_prompts(self.tokenizer, self.prompt, texts, self.max_length)
 
     def batch(self, examples: Sequence[Example]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         return self.encode([e.text for e in examples]), torch.tensor([e.label for e in examples])
@@ -85,6 +65,31 @@ class VerbalizerTask:
 
     def loss(self, model, inputs, labels, reduction: str = "mean") -> torch.Tensor:
         return F.cross_entropy(self.label_logits(model, inputs), labels, reduction=reduction)
+
+
+def prompt_ids(tokenizer, prompt: str, text: str, max_length: int) -> list[int]:
+    """Token ids of ``prompt`` with ``text`` in it, at most ``max_length``: a long text is cut, never the
+    instruction after it ("\nSentiment:"), since the label is read at the last position."""
+    ids = tokenizer(prompt.format(text=text))["input_ids"]
+    if len(ids) <= max_length:
+        return ids
+    prefix, suffix = prompt.split("{text}", 1)
+    head = tokenizer(prefix + text)["input_ids"]
+    tail = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+    keep = max(1, max_length - len(tail))
+    return head[:keep] + tail
+
+
+def encode_prompts(tokenizer, prompt: str, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Left-padded batch of prompts (every row's last position is real: that is where labels are read)."""
+    rows = [prompt_ids(tokenizer, prompt, t, max_length) for t in texts]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
 
 
 @torch.no_grad()

@@ -123,6 +123,8 @@ class OffsiteConfig(_Section):
     keep: int = Field(8, ge=1)  # unique middle layers kept in the emulator
     calibration_examples: int = Field(64, ge=1)
     distill_steps: int = Field(0, ge=0)
+    distill_examples: int = Field(0, ge=0)  # public texts the distillation cycles over; 0 = calibration_examples
+    distill_in_prompt: bool = True  # wrap that text in data.prompt, so the emulator is repaired where labels are read
     use_lora: bool = False  # train the adapter layers fully (False) or with LoRA on them
     emulator_dir: str = ""  # load a prebuilt emulator instead of building one
     share: bool = True  # crash: repeat each group's kept layer at every position of its group (full depth)

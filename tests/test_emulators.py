@@ -182,15 +182,17 @@ def test_emulator_build_command(tmp_path, data_root, capsys):
 
     out = tmp_path / "emu"
     args = ["emulator", "build", "--model", "tiny-llama", "--method", "crash", "--adapter-layers", "1,1", "--keep", "1",
-            "--calibration", "vader_sentiment/nyt_editorials", "--calibration-examples", "8", "--distill-steps", "2"]
+            "--calibration", "vader_sentiment/nyt_editorials", "--calibration-examples", "8", "--distill-steps", "2",
+            "--distill-examples", "24"]
     assert main(args + ["--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "unique decoder params" in printed and "75.00%" in printed and "distillation: loss" in printed
     assert {p.name for p in out.iterdir()} >= {"emulator.safetensors", "emulator.json", "similarity.png"}
     report = json.loads((out / "emulator.json").read_text())
+    assert report["distill_texts"] == 24  # distillation cycles over its own, larger public text set
     assert len(report["similarity"]["robust"]) == 4 and report["plan"]["middle_sources"] == [report["plan"]["middle_sources"][0]] * 2
     assert (out / "similarity.png").read_bytes()[:4] == b"\x89PNG"
-    assert main(args[:-6] + ["--keep", "5", "--out", str(tmp_path / "bad")]) == 2  # 5 of 2 middle layers
+    assert main(args[:-8] + ["--keep", "5", "--out", str(tmp_path / "bad")]) == 2  # 5 of 2 middle layers
     assert "offsite.keep must be between 1 and 2" in capsys.readouterr().err
 
 
@@ -214,3 +216,32 @@ def test_emulator_copies_live_weights_unless_it_owns_them():
     bare = build_emulator_model(emulator_tensors(full, plan, include_adapters=False), plan, full.config.to_dict())
     assert not any(p.is_meta for p in bare.parameters())
     assert torch.isfinite(bare(input_ids=ids, use_cache=False).logits).all()
+
+
+def test_distillation_in_the_prompt_repairs_the_emulator(data_root):
+    from coordinator.emulators.build import EmulatorSpec, build_emulator, distill_batches
+    from fedadapt.models import load_model
+
+    full, tok, _ = load_model("tiny-llama", seed=0)
+    prompt = "Review: {text}\nSentiment:"
+    spec = EmulatorSpec(model="tiny-llama", method="uniform", bottom=1, top=1, keep=1, calibration="vader_sentiment/nyt_editorials",
+                        calibration_examples=16, max_length=24, distill_steps=40, distill_lr=3e-3, distill_examples=32,
+                        distill_prompt=prompt, distill_batch_size=8)
+    texts = ["a long public text " * 20, "short"]
+    batch = distill_batches(tok, texts, spec)[0]
+    tail = tok("\nSentiment:", add_special_tokens=False)["input_ids"]
+    # every row ends in the instruction (left padding; a long text is cut, never the instruction)
+    assert batch["input_ids"].shape[1] == 24 and batch["input_ids"][:, -len(tail):].tolist() == [tail, tail]
+    assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"][1, 0]
+    assert spec.key() != EmulatorSpec(**{**spec.__dict__, "distill_prompt": ""}).key()
+
+    bundle, _ = build_emulator(spec, full, tok, progress=lambda *_: None)
+    assert bundle.report["distill_texts"] == 32
+    assert bundle.report["distill_loss_last"] < 0.5 * bundle.report["distill_loss_first"]
+    untrained, _ = build_emulator(EmulatorSpec(**{**spec.__dict__, "distill_steps": 0}), full, tok, progress=lambda *_: None)
+    probe = distill_batches(tok, ["the food was cold", "a fine film"], spec)[0]
+    with torch.no_grad():
+        want = torch.log_softmax(full(**probe, logits_to_keep=1).logits[:, -1], -1)
+        gaps = [torch.nn.functional.kl_div(torch.log_softmax(b.model(full)(**probe, logits_to_keep=1).logits[:, -1], -1),
+                                           want, log_target=True, reduction="batchmean").item() for b in (untrained, bundle)]
+    assert gaps[1] < gaps[0], gaps  # closer to the full model's next-token distribution where labels are read

@@ -21,13 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from fedadapt.data import Example
+from fedadapt.progress import step_bar
 from fedadapt.prompts import score_prompts
 from privacy.mechanisms.exponential import exponential_over_domain, exponential_top1
 from privacy.mechanisms.limited_domain import TokenAccountant, limited_domain_top1, vote_histogram
@@ -213,18 +213,6 @@ def _model(name: str, seed: int):
     return _MODEL_CACHE[(name, seed)]
 
 
-def _progress_bar(total: int, label: str):
-    """A rich progress bar on a terminal; a plain callable elsewhere (Ray workers, tests)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    bar = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console, transient=True, disable=not (console.is_terminal or sys.stderr.isatty()))
-    task = bar.add_task(label, total=total)
-    return bar, (lambda n: bar.advance(task, n))
-
-
 def _open_ledger(ctx: TrainContext):
     from privacy.ledger import LedgerError, PrivacyLedger
 
@@ -256,7 +244,7 @@ def train_dpopt(ctx: TrainContext) -> TrainResult:
     model, tok = _model(cfg.model, cfg.seed)
     seed_text = f"{cfg.seed}/{ctx.round}/{ctx.client_name}"
     gen = torch.Generator().manual_seed(int(hashlib.sha256(seed_text.encode()).hexdigest()[:15], 16))
-    bar, advance = _progress_bar(dp.num_prompts * dp.max_new_tokens, f"DP-OPT {ctx.client_name}: tokens")
+    bar, advance = step_bar(dp.num_prompts * dp.max_new_tokens, f"DP-OPT {ctx.client_name}: tokens")
     try:
         with bar:
             result, validation = generate_prompts(model, tok, ctx.examples, ctx.labels, round_dp, seed_text=seed_text,

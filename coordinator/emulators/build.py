@@ -23,12 +23,15 @@ from fedadapt.emulator import (
     unique_decoder_params,
 )
 from fedadapt.paths import atomic_write_bytes, atomic_write_json, file_lock, home
+from fedadapt.progress import step_bar
 
 from . import get_emulator_builder
 from .similarity import LayerSimilarity, layer_similarity
 
 log = logging.getLogger("fedadapt.coordinator")
 
+# bump when distillation changes what it computes, so cached distilled emulators are rebuilt
+DISTILL_VERSION = 2
 PAYLOAD_FILE = "emulator.safetensors"
 REPORT_FILE = "emulator.json"
 HEATMAP_FILE = "similarity.png"
@@ -51,6 +54,8 @@ class EmulatorSpec:
     distill_steps: int = 0
     distill_lr: float = 1e-4
     distill_batch_size: int = 8
+    distill_examples: int = 0  # 0 = the calibration texts; more text repairs the emulator without overfitting it
+    distill_prompt: str = ""  # wrap distillation texts in the run's prompt ("" = plain text)
     include_adapters: bool = False  # frozen adapter layers in the payload (clients train LoRA on them)
     seed: int = 0
     data_root: str = ""
@@ -61,11 +66,18 @@ class EmulatorSpec:
         return cls(model=cfg.model, method=o.emulator, bottom=o.adapter_layers[0], top=o.adapter_layers[1], keep=o.keep,
                    share=o.share, calibration=o.calibration, calibration_examples=o.calibration_examples,
                    max_length=cfg.data.max_length, massive_factor=o.massive_factor, distill_steps=o.distill_steps,
-                   distill_lr=o.distill_lr, distill_batch_size=o.distill_batch_size, include_adapters=o.use_lora,
+                   distill_lr=o.distill_lr, distill_batch_size=o.distill_batch_size,
+                   distill_examples=o.distill_examples,
+                   distill_prompt=cfg.data.prompt if o.distill_steps and o.distill_in_prompt else "", include_adapters=o.use_lora,
                    seed=cfg.seed, data_root=cfg.data.root)
 
     def key(self) -> str:
         d = self.__dict__.copy()
+        if self.distill_steps:
+            d["distill_version"] = DISTILL_VERSION
+        for k in ("distill_examples", "distill_prompt"):
+            if not d[k]:
+                d.pop(k)  # training-free emulators built before these fields existed keep their cache key
         if self.method == "uniform":
             d.pop("massive_factor")  # uniform does not read the similarity
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -136,12 +148,17 @@ def calibration_batches(tokenizer, texts: list[str], max_length: int, batch_size
 # ---------------------------------------------------------------------------- distillation
 
 
-def distill(emulator, full_model, plan: EmulatorPlan, batches, *, steps: int, lr: float, massive_factor: float = 5.0) -> list[float]:
+def distill(emulator, full_model, plan: EmulatorPlan, batches, *, steps: int, lr: float, massive_factor: float = 5.0,
+            on_step=None) -> list[float]:
     """Offsite-Tuning's repair: train the emulator's unique middle layers so that the hidden state
-    entering the top adapter layers, and the next-token distribution, match the full model's.
+    entering the top adapter layers matches the full model's at every token, and the next-token
+    distribution at each row's last position matches too.
 
     The hidden-state term is a per-token relative error over tokens that are not massive activations
-    (otherwise a handful of ~10^4-sized first tokens is all the loss sees).
+    (otherwise a handful of ~10^4-sized first tokens is all the loss sees). The distribution term is read
+    at the last position only: that is where a verbalizer task reads its label (with ``distill_prompt``
+    the texts sit in the run's prompt, so it is the very position adapter training sees), and a
+    full-vocabulary softmax at every position cost most of a CPU step (2.2 s of a 12-layer step).
     """
     middle = set()
     params = []
@@ -161,15 +178,15 @@ def distill(emulator, full_model, plan: EmulatorPlan, batches, *, steps: int, lr
         inputs = batches[step % len(batches)]
         valid = inputs["attention_mask"].bool()
         with torch.no_grad():
-            t = full_model(**inputs, output_hidden_states=True, use_cache=False)
+            t = full_model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
             t_hidden = t.hidden_states[full_at][valid]
-            t_logp = torch.log_softmax(t.logits[valid].float(), -1)
-        s = emulator(**inputs, output_hidden_states=True, use_cache=False)
+            t_logp = torch.log_softmax(t.logits[:, -1].float(), -1)
+        s = emulator(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
         s_hidden = s.hidden_states[emu_at][valid]
         norms = t_hidden.norm(dim=-1)
         ok = norms <= massive_factor * norms.median()
         rel = ((s_hidden - t_hidden).norm(dim=-1) / norms.clamp_min(1e-6))[ok].pow(2).mean()
-        kl = torch.nn.functional.kl_div(torch.log_softmax(s.logits[valid].float(), -1), t_logp, log_target=True,
+        kl = torch.nn.functional.kl_div(torch.log_softmax(s.logits[:, -1].float(), -1), t_logp, log_target=True,
                                         reduction="batchmean")
         loss = rel + kl
         loss.backward()
@@ -177,10 +194,21 @@ def distill(emulator, full_model, plan: EmulatorPlan, batches, *, steps: int, lr
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(1)
     emulator.eval()
     for p in emulator.parameters():
         p.requires_grad_(False)
     return losses
+
+
+def distill_batches(tokenizer, texts: list[str], spec: "EmulatorSpec") -> list[dict[str, torch.Tensor]]:
+    """Left-padded batches of public text, wrapped in ``spec.distill_prompt`` when it is set."""
+    from fedadapt.task import encode_prompts
+
+    prompt = spec.distill_prompt or "{text}"
+    bs = spec.distill_batch_size
+    return [encode_prompts(tokenizer, prompt, texts[i : i + bs], spec.max_length) for i in range(0, len(texts), bs)]
 
 
 def payload_tensors(emulator, plan: EmulatorPlan, *, include_adapters: bool) -> dict[str, torch.Tensor]:
@@ -219,13 +247,16 @@ def build_emulator(spec: EmulatorSpec, full_model, tokenizer, *, progress=print,
     emulator = build_emulator_model(emulator_tensors(full_model, plan, include_adapters=True), plan,
                                     full_model.config.to_dict())
     distill_losses: list[float] = []
+    dtexts: list[str] = []
     if spec.distill_steps:
         progress(f"distilling the emulator's middle layers for {spec.distill_steps} steps")
-        with torch.random.fork_rng(devices=[]):
+        dtexts = calibration_texts(spec.calibration, spec.distill_examples, spec.data_root) if spec.distill_examples else texts
+        bar, advance = step_bar(spec.distill_steps, "distilling the emulator")
+        with torch.random.fork_rng(devices=[]), bar:
             torch.manual_seed(spec.seed)
-            dbatches = calibration_batches(tokenizer, texts, spec.max_length, spec.distill_batch_size)
-            distill_losses = distill(emulator, full_model, plan, dbatches, steps=spec.distill_steps, lr=spec.distill_lr,
-                                     massive_factor=spec.massive_factor)
+            distill_losses = distill(emulator, full_model, plan, distill_batches(tokenizer, dtexts, spec),
+                                     steps=spec.distill_steps, lr=spec.distill_lr, massive_factor=spec.massive_factor,
+                                     on_step=advance)
     payload = encode_emulator(payload_tensors(emulator, plan, include_adapters=spec.include_adapters), plan,
                               full_model.config.to_dict())
     full_decoder = sum(p.numel() for p in full_model.model.layers.parameters())
@@ -241,6 +272,7 @@ def build_emulator(spec: EmulatorSpec, full_model, tokenizer, *, progress=print,
         "max_activation": similarity.max_activation,
         "distill_loss_first": distill_losses[0] if distill_losses else None,
         "distill_loss_last": distill_losses[-1] if distill_losses else None,
+        "distill_texts": len(dtexts),
         "build_seconds": time.perf_counter() - t0,
     }
     return EmulatorBundle(plan, payload, report["sha256"], report), similarity

@@ -17,16 +17,21 @@ def cmd_build(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from fedadapt.emulator import EmulatorError
     from fedadapt.models import load_model
 
     from .build import EmulatorSpec, build_emulator, save_bundle
 
     console = Console()
+    distill_prompt = args.distill_prompt.replace("\\n", "\n")  # a shell passes "\n" as two characters
+    if distill_prompt and "{text}" not in distill_prompt:
+        raise EmulatorError(f"--distill-prompt {args.distill_prompt!r} has no {{text}} placeholder: e.g. 'Review: {{text}}\\nSentiment:'")
     spec = EmulatorSpec(
         model=args.model, method=args.method, bottom=args.adapter_layers[0], top=args.adapter_layers[1], keep=args.keep,
         share=not args.no_share, calibration=args.calibration, calibration_examples=args.calibration_examples,
         max_length=args.max_length, massive_factor=args.massive_factor, distill_steps=args.distill_steps,
-        distill_lr=args.distill_lr, include_adapters=args.include_adapter_layers, seed=args.seed,
+        distill_lr=args.distill_lr, distill_examples=args.distill_examples,
+        distill_prompt=distill_prompt, include_adapters=args.include_adapter_layers, seed=args.seed,
     )
     full, tok, _ = load_model(args.model, seed=args.seed)
     bundle, similarity = build_emulator(spec, full, tok, progress=console.print)
@@ -70,6 +75,10 @@ def register_emulator(sub) -> None:
     b.add_argument("--massive-factor", type=float, default=5.0, help="robust CKA drops tokens with norm > this x median")
     b.add_argument("--distill-steps", type=int, default=0, help="repair the emulator by distillation (0 = training-free)")
     b.add_argument("--distill-lr", type=float, default=1e-4)
+    b.add_argument("--distill-examples", type=int, default=0,
+                   help="public texts distillation cycles over (0 = the calibration examples)")
+    b.add_argument("--distill-prompt", default="",
+                   help="wrap distillation text in the run's prompt, e.g. 'Review: {text}\\nSentiment:' (default: plain text)")
     b.add_argument("--include-adapter-layers", action="store_true",
                    help="ship the frozen adapter layers too (needed when data owners train LoRA: offsite.use_lora)")
     b.add_argument("--seed", type=int, default=0)
