@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from fedadapt.task import train_steps  # noqa: E402
 from coordinator.emulators.build import (  # noqa: E402
-    EmulatorSpec, build_emulator, calibration_batches, calibration_texts, write_heatmap,
+    EmulatorSpec, build_emulator, cached_emulator, calibration_batches, calibration_texts, write_heatmap,
 )
 from coordinator.emulators.similarity import layer_similarity  # noqa: E402
 from fedadapt.emulator import adapter_parameters, load_adapter_layers, plug_in, adapter_layer_state  # noqa: E402
@@ -235,6 +235,8 @@ def main() -> None:
     ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--distill-plain", action="store_true", help="distil on plain public text, not wrapped in the task's prompt")
     ap.add_argument("--calibration-examples", type=int, default=64)
+    ap.add_argument("--calibration", default="", help="public text for similarity and distillation (default: the config's)")
+    ap.add_argument("--no-cache", action="store_true", help="rebuild every emulator (default: reuse $FEDADAPT_HOME's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="smollm2-135m", help="tiny-llama: a seconds-long check of this script")
     ap.add_argument("--adapter-layers", default="2,2")
@@ -254,7 +256,7 @@ def main() -> None:
         f"data.eval_examples={args.eval}", f"train.local_steps={args.steps}", f"train.batch_size={args.batch}",
         f"train.lr={args.lr}", "train.eval_batch_size=50", f"model='{args.model}'",
         f"offsite.adapter_layers=[{args.adapter_layers}]",
-    ])
+    ] + ([f"offsite.calibration='{args.calibration}'"] if args.calibration else []))
     full, tok, _ = load_model(cfg.model)
     for p in full.parameters():
         p.requires_grad_(False)
@@ -317,8 +319,11 @@ activation memory during training is the full model's; the saving is in the weig
                                     distill_examples=args.distill_examples, distill_lr=args.distill_lr,
                                     distill_prompt="" if args.distill_plain or not distill_steps else cfg.data.prompt)
                 t0 = time.perf_counter()
-                bundle, _ = build_emulator(spec, full, tok, similarity=sim, progress=lambda *_: None)
-                build_s = time.perf_counter() - t0
+                if args.no_cache:
+                    bundle, _ = build_emulator(spec, full, tok, similarity=sim, progress=lambda *_: None)
+                else:  # a distilled emulator costs minutes: reuse one built with the same spec
+                    bundle = cached_emulator(spec, full, tok, progress=lambda *_: None)
+                build_s = bundle.report.get("build_seconds", time.perf_counter() - t0)
                 emu = bundle.model(full)
                 for p in emu.parameters():
                     p.requires_grad_(False)
