@@ -153,14 +153,19 @@ def memory_table(mem: dict | None, setting: str) -> str:
     return "\n".join(rows)
 
 
-def write_report(args, keeps, records, ref, full_zero, full_lm, sim, texts, rows_eval, bottom, top, t_start, total_settings,
+def write_report(args, keeps, records, refs, full_zero, full_lm, sim, texts, rows_eval, bottom, top, t_start, total_settings,
                  calibration: str):
-    header = ("| emulator | keep | distill | depth | unique decoder params | bytes sent | emulator LM loss | "
-              "emulator zero-shot | emulator fine-tuned | plug-in | plug-in − full FT | step s (emulator / full) |")
-    lines = [header, "|" + "---|" * 12]
+    multi_lr = len(refs) > 1
+    header = ("| emulator | keep | distill | " + ("lr | " if multi_lr else "") + "depth | unique decoder params | bytes sent | "
+              "emulator LM loss | emulator zero-shot | emulator fine-tuned | plug-in | plug-in − full FT | step s (emulator / full) |")
+    lines = [header, "|" + "---|" * (13 if multi_lr else 12)]
+    ref_of = {r_lr: ref for r_lr, ref in refs.items()}
+    ref = next(iter(refs.values()))
     for r in records:
+        ref = ref_of[r["lr"]]
         lines.append(
-            f"| {r['method']} | {r['keep']} | {r['distill_steps'] or '-'} | {r['depth']} | {r['decoder_ratio']:.0%} | "
+            f"| {r['method']} | {r['keep']} | {r['distill_steps'] or '-'} | " + (f"{r['lr']:g} | " if multi_lr else "") +
+            f"{r['depth']} | {r['decoder_ratio']:.0%} | "
             f"{r['payload_ratio']:.0%} | {r['emu_lm_loss']:.2f} | {r['emu_zero']:.3f} | {r['emu_ft']:.3f} | "
             f"**{r['plug_in']:.3f}** | {100 * (r['plug_in'] - ref['accuracy']):+.1f} pt | "
             f"{r['step_s']:.2f} / {ref['step_s']:.2f} ({r['step_s'] / ref['step_s']:.2f}x) |"
@@ -168,28 +173,36 @@ def write_report(args, keeps, records, ref, full_zero, full_lm, sim, texts, rows
     table = "\n".join(lines)
     best = max(records, key=lambda r: r["plug_in"])
     above = sum(r["plug_in"] > full_zero["accuracy"] for r in records)
-    close = sum(r["plug_in"] >= ref["accuracy"] - 0.02 for r in records)
+    close = sum(r["plug_in"] >= ref_of[r["lr"]]["accuracy"] - 0.02 for r in records)
     protected = sum(r["emu_ft"] <= r["plug_in"] - 0.05 for r in records)
     small = sum(r["decoder_ratio"] <= 0.40 + 1e-9 for r in records)
     all_four = ", ".join(
         f"{r['method']} keep {r['keep']} distill {r['distill_steps']}" for r in records
-        if r["plug_in"] > full_zero["accuracy"] and r["plug_in"] >= ref["accuracy"] - 0.02
+        if r["plug_in"] > full_zero["accuracy"] and r["plug_in"] >= ref_of[r["lr"]]["accuracy"] - 0.02
         and r["emu_ft"] <= r["plug_in"] - 0.05 and r["decoder_ratio"] <= 0.40 + 1e-9
     ) or "none"
-    section = f"""## offsite: offsite-tuning with uniform and CRaSh emulators
+    stem = Path(args.out).stem
+    argv = list(sys.argv[1:])
+    if "--out" in argv:  # where the section lands is not part of how it was measured
+        i = argv.index("--out")
+        del argv[i : i + 2]
+    command = " ".join(["python benchmarks/offsite.py", *argv])
+    se = 100 * (full_zero["accuracy"] * (1 - full_zero["accuracy"]) / len(rows_eval)) ** 0.5
+    section = f"""## {stem}: offsite-tuning with uniform and CRaSh emulators
 
 Setting: {args.model} ({sim.all_tokens.shape[0]} layers), rotten_tomatoes, prompt "Review: {{text}}\\nSentiment:", label-word
 logits. Adapter layers {bottom} bottom + {top} top ({ref['trainable']:,} parameters) trained fully with AdamW,
-lr {args.lr}, batch {args.batch}, **{args.steps} steps** (same batches in every setting), evaluated on the first
+lr {' or '.join(f"{x:g}" for x in refs)}, batch {args.batch}, **{args.steps} steps** (same batches in every setting), evaluated on the first
 **{len(rows_eval)} test rows**. Emulators are built from {len(texts)} `{calibration}` texts (public calibration
 text, not the task's); `keep` = unique middle layers of {sim.all_tokens.shape[0] - bottom - top}; uniform drops layers (shallower emulator), crash
 shares each group's medoid layer over the group (full depth). Distillation: {args.distill_grid.replace(',', ' or ')} steps, batch 8,
 lr {args.distill_lr:g}, cycling over {args.distill_examples or len(texts)} public texts of the same set{' (plain)' if args.distill_plain else ', each wrapped in the task prompt'}
 (hidden-state matching at the top boundary + next-token distribution at the last position). Centralised (one data owner) so every row
 sees identical data; {len(records)} of {total_settings} settings done; {args.threads} torch threads on a shared 2-core CPU. Total {time.perf_counter() - t_start:.0f} s.
+`{command}`
 
 Measured in the same run: **full model zero-shot {full_zero['accuracy']:.3f}**; **full-model fine-tune of
-the same adapter layers {ref['accuracy']:.3f}** (the upper reference); full-model LM loss on the calibration
+the same adapter layers {", ".join(f"{v['accuracy']:.3f}" + (f" at lr {k:g}" if multi_lr else "") for k, v in refs.items())}** (the upper reference); full-model LM loss on the calibration
 text {full_lm:.2f} nats.
 
 {table}
@@ -202,22 +215,21 @@ Notes (honest reading of this table):
 - Robust CKA: the all-token map of this model shows two saturated blocks caused by massive-activation
   tokens ({sim.dropped_tokens} of {sim.tokens} calibration tokens exceed 5x the median norm, max |activation|
   {sim.max_activation:.0f}); dropping them gives the smooth band the clustering uses
-  (`benchmarks/results/offsite_similarity.png` shows both, with the crash groups for keep {keeps[0]}).
+  (`benchmarks/results/{stem}_similarity.png` shows both, with the crash groups for keep {keeps[0]}).
 - The emulator LM loss column is next-token cross-entropy on calibration text (full model {full_lm:.2f}).
 - Against the goals: plug-in above the full model's zero-shot in {above} of {len(records)} settings; within 2 points
   of the full-model fine-tune in {close} of {len(records)}; emulator fine-tuned at least 5 points below its plug-in
   (the model owner's protection) in {protected} of {len(records)}; unique decoder parameters <= 40% in
   {small} of {len(records)}. Settings meeting all four: {all_four}.
 
-A data owner's memory on the emulator vs the full model: next section (`--memory-only`).
-
-- Few steps and {len(rows_eval)} eval rows: differences of ~2 points are within noise (one row = {100 / len(rows_eval):.1f} pt).
+- {len(rows_eval)} eval rows: one row is {100 / len(rows_eval):.1f} pt and one standard error of an accuracy near the
+  zero-shot's is {se:.1f} pt, so differences under ~2 standard errors are noise.
 """
     notes = Path(args.out).with_suffix(".notes.md")  # hand-written reading, kept across reruns
     if notes.is_file():
         section += "\n" + notes.read_text()
     Path(args.out).write_text(section)
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"full_zero": full_zero, "full_ft": ref, "records": records,
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"full_zero": full_zero, "full_ft": {str(k): v for k, v in refs.items()}, "records": records,
                                                                "machine": platform.machine(), "cpus": os.cpu_count()}, indent=1))
     return section
 
@@ -235,6 +247,8 @@ def main() -> None:
     ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--distill-plain", action="store_true", help="distil on plain public text, not wrapped in the task's prompt")
     ap.add_argument("--calibration-examples", type=int, default=64)
+    ap.add_argument("--lrs", default="", help="comma-separated learning rates to compare, each with its own full-model reference")
+    ap.add_argument("--settings", default="", help="explicit method:keep:distill list instead of the keeps x methods x distill grid")
     ap.add_argument("--calibration", default="", help="public text for similarity and distillation (default: the config's)")
     ap.add_argument("--no-cache", action="store_true", help="rebuild every emulator (default: reuse $FEDADAPT_HOME's)")
     ap.add_argument("--threads", type=int, default=2)
@@ -306,57 +320,66 @@ activation memory during training is the full model's; the saving is in the weig
     print(f"full zero-shot {full_zero['accuracy']:.3f}; fine-tuning the adapter layers on the full model …", flush=True)
 
     records = []
-    ref = None
+    refs: dict[float, dict] = {}
+    untrained: dict[tuple, tuple] = {}
     keeps = [int(k) for k in args.keeps.split(",")]
-    distill_grid = [int(d) for d in args.distill_grid.split(",")]
-    total_settings = len(args.methods.split(",")) * len(keeps) * len(distill_grid)
-    for keep in keeps:  # keep-major: a cut-short run still compares both methods at the first keep
-        for method in args.methods.split(","):
-            for distill_steps in distill_grid:
-                spec = EmulatorSpec(model=cfg.model, method=method, bottom=bottom, top=top, keep=keep, share=True,
-                                    calibration=cfg.offsite.calibration, calibration_examples=args.calibration_examples,
-                                    max_length=cfg.data.max_length, distill_steps=distill_steps,
-                                    distill_examples=args.distill_examples, distill_lr=args.distill_lr,
-                                    distill_prompt="" if args.distill_plain or not distill_steps else cfg.data.prompt)
-                t0 = time.perf_counter()
-                if args.no_cache:
-                    bundle, _ = build_emulator(spec, full, tok, similarity=sim, progress=lambda *_: None)
-                else:  # a distilled emulator costs minutes: reuse one built with the same spec
-                    bundle = cached_emulator(spec, full, tok, progress=lambda *_: None)
-                build_s = bundle.report.get("build_seconds", time.perf_counter() - t0)
-                emu = bundle.model(full)
-                for p in emu.parameters():
-                    p.requires_grad_(False)
-                if ref is None:  # the upper reference, on the same plan's adapter layers
-                    init = adapter_layer_state(full, bundle.plan, on="full")
-                    trained_full, m_full = finetune(full, bundle.plan, init, "full", task, rows_train, cfg, cfg.seed)
-                    full.load_state_dict(plug_in(base_state, trained_full))
-                    ft_full = evaluate(full, task, rows_eval, batch_size=50)
-                    full.load_state_dict(plug_in(base_state, init))
-                    ref = {"accuracy": ft_full["accuracy"], "step_s": m_full["step_seconds"],
-                           "trainable": sum(v.numel() for v in init.values())}
-                    print(f"full-model fine-tune of the adapter layers: {ref['accuracy']:.3f} ({ref['step_s']:.2f} s/step)", flush=True)
-                emu_zero = evaluate(emu, task, rows_eval, batch_size=50)
-                emu_lm = lm_loss(emu, calib[:2])
-                trained, m_emu = finetune(emu, bundle.plan, init, "emulator", task, rows_train, cfg, cfg.seed)
-                emu_ft = evaluate(emu, task, rows_eval, batch_size=50)
-                full.load_state_dict(plug_in(base_state, trained))
-                plugged = evaluate(full, task, rows_eval, batch_size=50)
-                full.load_state_dict(plug_in(base_state, init))
-                r = bundle.report
-                rec = {"method": method, "keep": keep, "distill_steps": distill_steps, "depth": bundle.plan.depth,
-                       "kept": bundle.plan.unique_middle, "decoder_ratio": r["decoder_param_ratio"],
-                       "payload_ratio": r["payload_bytes"] / r["full_model_bytes"], "emu_lm_loss": emu_lm,
-                       "distill_loss": [r["distill_loss_first"], r["distill_loss_last"]],
-                       "emu_zero": emu_zero["accuracy"], "emu_ft": emu_ft["accuracy"], "plug_in": plugged["accuracy"],
-                       "step_s": m_emu["step_seconds"], "build_s": build_s}
-                records.append(rec)
-                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}), flush=True)
-                section = write_report(args, keeps, records, ref, full_zero, full_lm, sim, texts, rows_eval, bottom, top, t_start,
-                                       total_settings, cfg.offsite.calibration)
-                if method == args.methods.split(",")[-1] and keep == keeps[0] and distill_steps == distill_grid[0]:
-                    write_heatmap(sim, bundle.plan, Path(args.out).with_name(Path(args.out).stem + "_similarity.png"))
-                del emu
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [args.lr]
+    if args.settings:  # an explicit list, e.g. "uniform:8:0,uniform:8:300,crash:18:0"
+        combos = [(m, int(k), int(d)) for m, k, d in (x.split(":") for x in args.settings.split(","))]
+        keeps = list(dict.fromkeys(k for _, k, _ in combos))
+    else:  # keep-major: a cut-short run still compares both methods at the first keep
+        combos = [(m, k, int(d)) for k in keeps for m in args.methods.split(",") for d in args.distill_grid.split(",")]
+    settings = [(lr, *c) for lr in lrs for c in combos]
+    args.distill_grid = ",".join(str(d) for d in dict.fromkeys(d for _, _, d in combos))
+    total_settings = len(settings)
+    for lr, method, keep, distill_steps in settings:
+        cfg.train.lr = lr
+        spec = EmulatorSpec(model=cfg.model, method=method, bottom=bottom, top=top, keep=keep, share=True,
+                            calibration=cfg.offsite.calibration, calibration_examples=args.calibration_examples,
+                            max_length=cfg.data.max_length, distill_steps=distill_steps,
+                            distill_examples=args.distill_examples, distill_lr=args.distill_lr,
+                            distill_prompt="" if args.distill_plain or not distill_steps else cfg.data.prompt)
+        t0 = time.perf_counter()
+        if args.no_cache:
+            bundle, _ = build_emulator(spec, full, tok, similarity=sim, progress=lambda *_: None)
+        else:  # a distilled emulator costs minutes: reuse one built with the same spec
+            bundle = cached_emulator(spec, full, tok, progress=lambda *_: None)
+        build_s = bundle.report.get("build_seconds", time.perf_counter() - t0)
+        emu = bundle.model(full)
+        for p in emu.parameters():
+            p.requires_grad_(False)
+        if lr not in refs:  # the upper reference at this lr, on the same plan's adapter layers
+            init = adapter_layer_state(full, bundle.plan, on="full")
+            trained_full, m_full = finetune(full, bundle.plan, init, "full", task, rows_train, cfg, cfg.seed)
+            full.load_state_dict(plug_in(base_state, trained_full))
+            ft_full = evaluate(full, task, rows_eval, batch_size=50)
+            full.load_state_dict(plug_in(base_state, init))
+            refs[lr] = {"accuracy": ft_full["accuracy"], "step_s": m_full["step_seconds"],
+                        "trainable": sum(v.numel() for v in init.values())}
+            ref = refs[lr]
+            print(f"full-model fine-tune of the adapter layers: {ref['accuracy']:.3f} ({ref['step_s']:.2f} s/step)", flush=True)
+        if (method, keep, distill_steps) not in untrained:  # the same emulator at another lr: measured once
+            untrained[method, keep, distill_steps] = evaluate(emu, task, rows_eval, batch_size=50), lm_loss(emu, calib[:2])
+        emu_zero, emu_lm = untrained[method, keep, distill_steps]
+        trained, m_emu = finetune(emu, bundle.plan, init, "emulator", task, rows_train, cfg, cfg.seed)
+        emu_ft = evaluate(emu, task, rows_eval, batch_size=50)
+        full.load_state_dict(plug_in(base_state, trained))
+        plugged = evaluate(full, task, rows_eval, batch_size=50)
+        full.load_state_dict(plug_in(base_state, init))
+        r = bundle.report
+        rec = {"method": method, "keep": keep, "lr": lr, "distill_steps": distill_steps, "depth": bundle.plan.depth,
+               "kept": bundle.plan.unique_middle, "decoder_ratio": r["decoder_param_ratio"],
+               "payload_ratio": r["payload_bytes"] / r["full_model_bytes"], "emu_lm_loss": emu_lm,
+               "distill_loss": [r["distill_loss_first"], r["distill_loss_last"]],
+               "emu_zero": emu_zero["accuracy"], "emu_ft": emu_ft["accuracy"], "plug_in": plugged["accuracy"],
+               "step_s": m_emu["step_seconds"], "build_s": build_s}
+        records.append(rec)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}), flush=True)
+        section = write_report(args, keeps, records, refs, full_zero, full_lm, sim, texts, rows_eval, bottom, top, t_start,
+                               total_settings, cfg.offsite.calibration)
+        if (lr, method, keep, distill_steps) == settings[0]:
+            write_heatmap(sim, bundle.plan, Path(args.out).with_name(Path(args.out).stem + "_similarity.png"))
+        del emu
     print(section)
 
 if __name__ == "__main__":
