@@ -374,7 +374,7 @@ activation memory during training is the full model's; the saving is in the weig
                "emu_zero": emu_zero["accuracy"], "emu_ft": emu_ft["accuracy"], "plug_in": plugged["accuracy"],
                "step_s": m_emu["step_seconds"], "build_s": build_s}
         records.append(rec)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}), flush=True)
+        print(json.dumps({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in rec.items()}), flush=True)
         section = write_report(args, keeps, records, refs, full_zero, full_lm, sim, texts, rows_eval, bottom, top, t_start,
                                total_settings, cfg.offsite.calibration)
         if (lr, method, keep, distill_steps) == settings[0]:
