@@ -159,10 +159,9 @@ def write_report(args, keeps, records, refs, full_zero, full_lm, sim, texts, row
     header = ("| emulator | keep | distill | " + ("lr | " if multi_lr else "") + "depth | unique decoder params | bytes sent | "
               "emulator LM loss | emulator zero-shot | emulator fine-tuned | plug-in | plug-in − full FT | step s (emulator / full) |")
     lines = [header, "|" + "---|" * (13 if multi_lr else 12)]
-    ref_of = {r_lr: ref for r_lr, ref in refs.items()}
     ref = next(iter(refs.values()))
     for r in records:
-        ref = ref_of[r["lr"]]
+        ref = refs[r["lr"]]
         lines.append(
             f"| {r['method']} | {r['keep']} | {r['distill_steps'] or '-'} | " + (f"{r['lr']:g} | " if multi_lr else "") +
             f"{r['depth']} | {r['decoder_ratio']:.0%} | "
@@ -173,12 +172,12 @@ def write_report(args, keeps, records, refs, full_zero, full_lm, sim, texts, row
     table = "\n".join(lines)
     best = max(records, key=lambda r: r["plug_in"])
     above = sum(r["plug_in"] > full_zero["accuracy"] for r in records)
-    close = sum(r["plug_in"] >= ref_of[r["lr"]]["accuracy"] - 0.02 for r in records)
+    close = sum(r["plug_in"] >= refs[r["lr"]]["accuracy"] - 0.02 for r in records)
     protected = sum(r["emu_ft"] <= r["plug_in"] - 0.05 for r in records)
     small = sum(r["decoder_ratio"] <= 0.40 + 1e-9 for r in records)
     all_four = ", ".join(
         f"{r['method']} keep {r['keep']} distill {r['distill_steps']}" for r in records
-        if r["plug_in"] > full_zero["accuracy"] and r["plug_in"] >= ref_of[r["lr"]]["accuracy"] - 0.02
+        if r["plug_in"] > full_zero["accuracy"] and r["plug_in"] >= refs[r["lr"]]["accuracy"] - 0.02
         and r["emu_ft"] <= r["plug_in"] - 0.05 and r["decoder_ratio"] <= 0.40 + 1e-9
     ) or "none"
     stem = Path(args.out).stem
