@@ -78,14 +78,14 @@ def flower_reply_bytes(envelope) -> int:
 class Bench:
     def __init__(self, base_cfg):
         from client_node.data import local_examples
-        from coordinator.methods.lora import LoraServerMethod
+        from methods.lora.server import LoraServer
         from fedadapt.models import set_threads
         from fedadapt.partitions import dataset_labels
 
         set_threads(base_cfg.train.threads)
         self.base_cfg = base_cfg
-        self.labels = dataset_labels(base_cfg.data)
-        self.method = LoraServerMethod(base_cfg, self.labels)
+        self.labels = dataset_labels(base_cfg)
+        self.method = LoraServer(base_cfg, self.labels)
         cfg_json = base_cfg.model_dump_json()
         k = base_cfg.federation.num_clients
         self.clients = [local_examples(base_cfg, cfg_json, {"partition-id": i, "num-partitions": k}, self.labels)
@@ -95,7 +95,8 @@ class Bench:
 
     def train(self, cfg, round_no: int, i: int, global_state):
         """One client's local training (cached when an identical global adapter was trained on before)."""
-        from client_node.trainers import TrainContext, get_trainer
+        from methods import get_trainer
+        from methods.base import TrainContext
 
         key = (i, round_no, digest(global_state))
         if key not in self.train_cache:

@@ -21,12 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from client_node.trainers.dpopt import generate_prompts
+from methods.dpopt.client import generate_prompts
 from fedadapt.data import load_split, read_labels, resolve_dataset_dir
 from fedadapt.models import load_model
-from fedadapt.prompts import evaluate_instruction
-from fedadapt.task import VerbalizerTask, evaluate
-from protocols.config import DataConfig, DPOPTConfig
+from methods.dpopt.prompts import evaluate_instruction
+from fedadapt.tasks.classify import VerbalizerTask
+from methods.dpopt.config import DPOPTConfig
+from protocols.config import DataConfig
 
 OUT = Path(__file__).resolve().parent / "results" / "dpopt.md"
 
@@ -40,7 +41,7 @@ def icl_accuracy(model, tok, labels, demos, rows, data_cfg) -> float:
     shots = "".join(f"Review: {d.text}\nSentiment: {labels[d.label]}\n\n" for d in demos)
     task = VerbalizerTask.build(tok, labels, prompt=shots.replace("{", "{{").replace("}", "}}") + data_cfg.prompt,
                                 max_length=512)
-    return evaluate(model, task, rows, batch_size=16)["accuracy"]
+    return task.evaluate(model, rows, batch_size=16)["accuracy"]
 
 
 def main() -> None:

@@ -49,12 +49,13 @@ def centralized(cfg, steps: int) -> tuple[dict, float]:
     from fedadapt.adapters import make_lora_model
     from fedadapt.models import load_model, set_threads
     from fedadapt.partitions import dataset_labels, eval_examples, simulated_client_examples
-    from fedadapt.task import VerbalizerTask, batches, evaluate
+    from fedadapt.tasks.classify import VerbalizerTask
+    from fedadapt.train import batches
 
     set_threads(cfg.train.threads)
-    labels = dataset_labels(cfg.data)
+    labels = dataset_labels(cfg)
     pooled = [e for i in range(cfg.federation.num_clients)
-              for e in simulated_client_examples(cfg.data, cfg.federation.num_clients, i, cfg.seed)]
+              for e in simulated_client_examples(cfg, cfg.federation.num_clients, i)]
     base, tok, _ = load_model(cfg.model)
     model = make_lora_model(base, cfg.lora, seed=cfg.seed)
     task = VerbalizerTask.from_config(tok, labels, cfg.data)
@@ -67,7 +68,7 @@ def centralized(cfg, steps: int) -> tuple[dict, float]:
         opt.step()
         opt.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
-    return evaluate(model, task, eval_examples(cfg.data), batch_size=cfg.train.eval_batch_size), seconds
+    return task.evaluate(model, eval_examples(cfg), batch_size=cfg.train.eval_batch_size), seconds
 
 
 def main() -> None:

@@ -26,15 +26,15 @@ sys.path.insert(0, str(ROOT.parent))
 
 import torch  # noqa: E402
 
-from fedadapt.task import train_steps  # noqa: E402
-from coordinator.emulators.build import (  # noqa: E402
+from fedadapt.train import train_steps  # noqa: E402
+from methods.offsite.emulators.build import (  # noqa: E402
     EmulatorSpec, build_emulator, cached_emulator, calibration_batches, calibration_texts, write_heatmap,
 )
-from coordinator.emulators.similarity import layer_similarity  # noqa: E402
-from fedadapt.emulator import adapter_parameters, load_adapter_layers, plug_in, adapter_layer_state  # noqa: E402
+from methods.offsite.emulators.similarity import layer_similarity  # noqa: E402
+from methods.offsite.emulator import adapter_parameters, load_adapter_layers, plug_in, adapter_layer_state  # noqa: E402
 from fedadapt.models import load_model  # noqa: E402
 from fedadapt.partitions import eval_examples  # noqa: E402
-from fedadapt.task import VerbalizerTask, evaluate  # noqa: E402
+from fedadapt.tasks.classify import VerbalizerTask  # noqa: E402
 from protocols.config import load_config  # noqa: E402
 
 
@@ -76,7 +76,7 @@ def peak_rss() -> int:
 def client_process(args) -> None:
     """One data owner's process (run in a fresh interpreter so peak RSS is its own): load the emulator
     from its payload, or the full model, then train the adapter layers for a few steps. Prints JSON."""
-    from fedadapt.emulator import build_emulator_model, decode_emulator
+    from methods.offsite.emulator import build_emulator_model, decode_emulator
     from fedadapt.models import load_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -93,7 +93,7 @@ def client_process(args) -> None:
         del tensors
         on = "emulator"
     else:
-        from fedadapt.emulator import EmulatorPlan
+        from methods.offsite.emulator import EmulatorPlan
 
         model, _, _ = load_model(cfg.model)
         plan = EmulatorPlan.from_json(Path(args.client_process[2]).read_text())
@@ -275,7 +275,7 @@ def main() -> None:
         p.requires_grad_(False)
     labels = ["negative", "positive"]
     task = VerbalizerTask.from_config(tok, labels, cfg.data)
-    rows_eval = eval_examples(cfg.data)
+    rows_eval = eval_examples(cfg)
     from fedadapt.data import load_split, resolve_dataset_dir
 
     rows_train = load_split(resolve_dataset_dir(cfg.data.dataset, cfg.data.root), "train", labels)
@@ -313,7 +313,7 @@ activation memory during training is the full model's; the saving is in the weig
         out.write_text(section)
         print(section)
         return
-    full_zero = evaluate(full, task, rows_eval, batch_size=50)
+    full_zero = task.evaluate(full, rows_eval, batch_size=50)
     full_lm = lm_loss(full, calib[:2])
     base_state = full.state_dict()
     print(f"full zero-shot {full_zero['accuracy']:.3f}; fine-tuning the adapter layers on the full model …", flush=True)
@@ -351,19 +351,19 @@ activation memory during training is the full model's; the saving is in the weig
             init = adapter_layer_state(full, bundle.plan, on="full")
             trained_full, m_full = finetune(full, bundle.plan, init, "full", task, rows_train, cfg, cfg.seed)
             full.load_state_dict(plug_in(base_state, trained_full))
-            ft_full = evaluate(full, task, rows_eval, batch_size=50)
+            ft_full = task.evaluate(full, rows_eval, batch_size=50)
             full.load_state_dict(plug_in(base_state, init))
             refs[lr] = {"accuracy": ft_full["accuracy"], "step_s": m_full["step_seconds"],
                         "trainable": sum(v.numel() for v in init.values())}
             ref = refs[lr]
             print(f"full-model fine-tune of the adapter layers: {ref['accuracy']:.3f} ({ref['step_s']:.2f} s/step)", flush=True)
         if (method, keep, distill_steps) not in untrained:  # the same emulator at another lr: measured once
-            untrained[method, keep, distill_steps] = evaluate(emu, task, rows_eval, batch_size=50), lm_loss(emu, calib[:2])
+            untrained[method, keep, distill_steps] = task.evaluate(emu, rows_eval, batch_size=50), lm_loss(emu, calib[:2])
         emu_zero, emu_lm = untrained[method, keep, distill_steps]
         trained, m_emu = finetune(emu, bundle.plan, init, "emulator", task, rows_train, cfg, cfg.seed)
-        emu_ft = evaluate(emu, task, rows_eval, batch_size=50)
+        emu_ft = task.evaluate(emu, rows_eval, batch_size=50)
         full.load_state_dict(plug_in(base_state, trained))
-        plugged = evaluate(full, task, rows_eval, batch_size=50)
+        plugged = task.evaluate(full, rows_eval, batch_size=50)
         full.load_state_dict(plug_in(base_state, init))
         r = bundle.report
         rec = {"method": method, "keep": keep, "lr": lr, "distill_steps": distill_steps, "depth": bundle.plan.depth,

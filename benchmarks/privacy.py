@@ -47,19 +47,20 @@ def main() -> None:
     ap.add_argument("--cost-phase", choices=("plain", "hooks", "ghost"), help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    from client_node.trainers.lora_dp import run_dp_sgd
     from fedadapt.adapters import adapter_state, load_adapter_state
     from fedadapt.models import cached_lora_model, set_threads
     from fedadapt.partitions import dataset_labels, eval_examples, simulated_client_examples
-    from fedadapt.task import VerbalizerTask, batches, evaluate
+    from fedadapt.tasks.classify import VerbalizerTask
+    from fedadapt.train import train_steps
+    from privacy.dp_sgd import DPSGD
     from privacy.accountants import SubsampledGaussian, get_accountant
     from protocols.config import load_config
 
     set_threads(args.threads)
     cfg = load_config(ROOT / "simulations/configs/dp.toml", [f"data.eval_examples={args.eval}", *args.set])
-    labels = dataset_labels(cfg.data)
-    data = list(simulated_client_examples(cfg.data, cfg.federation.num_clients, 0, cfg.seed))
-    rows = eval_examples(cfg.data)
+    labels = dataset_labels(cfg)
+    data = list(simulated_client_examples(cfg, cfg.federation.num_clients, 0))
+    rows = eval_examples(cfg)
     model, tok = cached_lora_model(cfg.model, cfg.lora, seed=cfg.seed)
     task = VerbalizerTask.from_config(tok, labels, cfg.data)
     init = adapter_state(model)
@@ -67,32 +68,39 @@ def main() -> None:
     q = 1.0 / -(-n // args.batch)
     delta = 1.0 / (10 * n)
 
-    # ---- cost: non-private vs DP-SGD (hooks), same model, same batch size
-    def plain_steps(steps: int) -> dict:
+    train_cfg = cfg.train.model_copy(update={"batch_size": args.batch, "lr": args.lr, "weight_decay": 0.0})
+
+    class Counting:
+        """The task, counting the real tokens the loop encodes."""
+
+        def __init__(self, inner):
+            self.inner, self.tokens = inner, 0
+
+        def collate(self, chunk):
+            b = self.inner.collate(chunk)
+            self.tokens += int(b["attention_mask"].sum())
+            return b
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    # ---- cost: non-private vs DP-SGD (hooks), same model, same batch size; the one training loop for both
+    def steps_of(steps: int, dp=None) -> dict:
         load_adapter_state(model, init)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=args.lr)
-        model.train()
-        tokens, t0 = 0, time.perf_counter()
-        for chunk in batches(data, args.batch, steps, torch.Generator().manual_seed(1)):
-            inputs, y = task.batch(chunk)
-            loss = task.loss(model, inputs, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            tokens += int(inputs["attention_mask"].sum())
-        model.eval()
-        return {"seconds": time.perf_counter() - t0, "tokens": tokens}
+        counting = Counting(task)
+        st = train_steps(model, params, counting, data, train_cfg, torch.Generator().manual_seed(1), steps=steps, dp=dp)
+        return {"seconds": st["train_seconds"], "tokens": counting.tokens}
+
+    def plain_steps(steps: int) -> dict:
+        return steps_of(steps)
 
     if args.cost_phase:  # a child process: one phase, so its peak RSS is that phase's alone
         mode, start_rss = args.cost_phase, rss_mb()
         if mode == "plain":
             r = plain_steps(args.timing_steps)
         else:
-            load_adapter_state(model, init)
-            st = run_dp_sgd(model, task, data, steps=args.timing_steps, batch_size=args.batch, lr=args.lr,
-                            weight_decay=0.0, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode)
-            r = {"seconds": st["train_seconds"], "tokens": int(st["tokens_seen"])}
+            r = steps_of(args.timing_steps, DPSGD(1.0, 1.0, mode))
         print("COST " + json.dumps({**r, "start_rss_mb": start_rss, "peak_rss_mb": peak_rss_mb()}), flush=True)
         return
 
@@ -113,7 +121,7 @@ def main() -> None:
     # ---- utility: accuracy after args.steps local steps at each ε
     acc_rows = []
     load_adapter_state(model, init)
-    zero = evaluate(model, task, rows, batch_size=32)["accuracy"]
+    zero = task.evaluate(model, rows, batch_size=32)["accuracy"]
     for eps in (1.0, 3.0, 8.0, float("inf")):
         load_adapter_state(model, init)
         t0 = time.perf_counter()
@@ -123,10 +131,9 @@ def main() -> None:
         else:
             acc = get_accountant("rdp")
             sigma = acc.noise_multiplier(eps, delta, q, args.steps)
-            run_dp_sgd(model, task, data, steps=args.steps, batch_size=args.batch, lr=args.lr, weight_decay=0.0,
-                       noise_multiplier=sigma, max_grad_norm=1.0)
+            steps_of(args.steps, DPSGD(sigma, 1.0))
             spent = acc.epsilon([SubsampledGaussian(sigma, q, args.steps)], delta)
-        a = evaluate(model, task, rows, batch_size=32)["accuracy"]
+        a = task.evaluate(model, rows, batch_size=32)["accuracy"]
         acc_rows.append((eps, sigma, spent, a, time.perf_counter() - t0))
         print(eps, sigma, spent, a, flush=True)
     load_adapter_state(model, init)

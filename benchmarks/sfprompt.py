@@ -92,7 +92,7 @@ def summarize(rd) -> dict:
 def analytic_flops(model_name: str, seq: int, batch: int) -> list[tuple[str, float, float]]:
     """(split, client FLOPs / full fine-tune FLOPs per training step, bytes of one activation tensor)."""
     from fedadapt.models import load_model
-    from fedadapt.split_model import SplitLlama, client_step_flops, full_finetune_step_flops
+    from methods.sfprompt.split_model import SplitLlama, client_step_flops, full_finetune_step_flops
 
     model, _, _ = load_model(model_name)
     rows = []

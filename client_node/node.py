@@ -18,7 +18,8 @@ from protocols.config import ConfigError, config_from_json
 from protocols.messages import RoundInstruction, UpdateEnvelope
 
 from .data import local_examples
-from .trainers import TrainContext, TrainerRefused, get_trainer
+from methods import get_trainer
+from methods.base import TrainContext, TrainerRefused
 
 log = logging.getLogger("fedadapt.client")
 

@@ -21,8 +21,9 @@ def cmd_status(args) -> int:
     console.print(f"[bold]{rd.path}[/]: {st.get('status')}, {st.get('completed_rounds', 0)}/{cfg.rounds} rounds done")
     console.print(f"clients seen: {len(clients)} ({', '.join(clients) if clients else '-'})")
     console.print(f"bytes: {up:,} received from clients, {down:,} sent to clients")
-    if evals:
-        console.print(f"accuracy: zero-shot {evals[0]['accuracy']:.4f} → latest {evals[-1]['accuracy']:.4f}")
+    primary = next((m["primary"] for m in evals if "primary" in m), "accuracy")
+    if evals and primary in evals[0] and primary in evals[-1]:
+        console.print(f"{primary}: zero-shot {evals[0][primary]:.4f} → latest {evals[-1][primary]:.4f}")
     print_summary(rd)
     return 0
 
@@ -38,7 +39,7 @@ COMMANDS = [
     "coordinator.cli:register_status",
     "coordinator.deploy:register_serve",
     "coordinator.certs:register_certs",
-    "coordinator.emulators.cli:register_emulator",
+    "methods.offsite.emulators.cli:register_emulator",
     "privacy.cli:register_report",
 ]
 

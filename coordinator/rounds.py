@@ -25,8 +25,10 @@ from protocols.messages import RoundInstruction, UpdateEnvelope
 
 from privacy.ledger import BudgetExceeded
 
+from methods import get_server_method
+from fedadapt.tasks import task_class
+
 from .mergers import ClientUpdate, get_merger
-from .methods import get_server_method
 from .run_dir import RunDir
 
 log = logging.getLogger("fedadapt.coordinator")
@@ -82,8 +84,9 @@ class Coordinator:
         self.cfg = cfg
         self.run_dir = run_dir
         self.is_simulation = is_simulation
-        self.labels = dataset_labels(cfg.data)
+        self.labels = dataset_labels(cfg)
         self.method = get_server_method(cfg.trainer)(cfg, self.labels)
+        self.primary = task_class(cfg.task).primary  # the task's headline metric, printed first
         self.codec = codec_from_config(cfg)
         self.merger = get_merger(cfg.merger)
         self.client_dp = None
@@ -115,8 +118,16 @@ class Coordinator:
         task = progress.add_task(label, total=self.method.eval_size() or None)
         res = self.method.evaluate(global_state, progress=lambda n: progress.advance(task, n))
         progress.remove_task(task)
-        res["seconds"] = time.perf_counter() - t0
+        res = {"primary": self.primary, **res, "seconds": time.perf_counter() - t0}
         return res
+
+    def _save_samples(self, round_no: int) -> None:
+        """Sample generations of this evaluation (generative tasks) under samples/round-N.jsonl."""
+        if self.method.samples:
+            from fedadapt.paths import atomic_write_text
+
+            lines = "".join(json.dumps({"round": round_no, **s}) + "\n" for s in self.method.samples)
+            atomic_write_text(self.run_dir.path / "samples" / f"round-{round_no}.jsonl", lines)
 
     # ------------------------------------------------------------------ the run
     def run(self, transport: Transport) -> list[dict]:
@@ -142,7 +153,8 @@ class Coordinator:
             if not any(m.get("kind") == "eval" and m.get("round") == 0 for m in rd.metrics):
                 ev = self._evaluate(global_state, progress, "zero-shot evaluation")
                 rd.append_metrics({"kind": "eval", "round": 0, **ev})
-                console.print(f"round 0 (before training): accuracy [bold]{ev['accuracy']:.4f}[/]  loss {ev['loss']:.4f}")
+                self._save_samples(0)
+                console.print(f"round 0 (before training): {metrics_line(ev)}")
             rounds_task = progress.add_task("rounds", total=cfg.rounds, completed=done)
             for r in range(done + 1, cfg.rounds + 1):
                 t_round = time.perf_counter()
@@ -178,12 +190,12 @@ class Coordinator:
                     "rejected": len(outcome.rejected), "merge_seconds": merge_s,
                     "round_seconds": time.perf_counter() - t_round,
                 })
+                self._save_samples(r)
                 self.method.save_artifacts(rd, global_state)
                 rd.commit_round(r, global_state)
                 progress.advance(rounds_task)
                 console.print(
-                    f"round {r}: accuracy [bold]{ev['accuracy']:.4f}[/]  loss {ev['loss']:.4f}  "
-                    f"({len(outcome.accepted)} clients, {time.perf_counter() - t_round:.1f}s)"
+                    f"round {r}: {metrics_line(ev)}  ({len(outcome.accepted)} clients, {time.perf_counter() - t_round:.1f}s)"
                 )
         rd.mark("done")
         self.print_summary()
@@ -226,17 +238,33 @@ class Coordinator:
         print_summary(self.run_dir)
 
 
+# metrics that are bookkeeping, not results: kept in metrics.jsonl, left out of the printed line
+_NOT_SHOWN = {"primary", "seconds", "examples", "response_tokens", "tokens", "generated"}
+
+
+def metrics_line(ev: dict) -> str:
+    """The task's primary metric first (bold), then its other metrics."""
+    primary = ev.get("primary", "accuracy")
+    parts = [f"{primary} [bold]{ev[primary]:.4f}[/]"] if primary in ev else []
+    for k, v in ev.items():
+        if k != primary and k not in _NOT_SHOWN and isinstance(v, (int, float)):
+            parts.append(f"{k} {v:.4f}")
+    return "  ".join(parts)
+
+
 def print_summary(run_dir: RunDir) -> None:
+    evals = [m for m in run_dir.metrics if m.get("kind") == "eval"]
+    primary = next((m["primary"] for m in evals if "primary" in m), "accuracy")
     table = Table(title=f"fedadapt run {run_dir.path}")
-    for col in ("round", "accuracy", "loss", "clients", "bytes up", "seconds"):
+    for col in ("round", primary, "loss", "clients", "bytes up", "seconds"):
         table.add_column(col, justify="right")
-    for m in run_dir.metrics:
-        if m.get("kind") != "eval":
-            continue
+    for m in evals:
         r = m["round"]
         up = sum(c.get("bytes_received", 0) for c in run_dir.metrics if c.get("kind") == "client" and c["round"] == r)
+        value = m.get(primary)
         table.add_row(
-            "0 (zero-shot)" if r == 0 else str(r), f"{m['accuracy']:.4f}", f"{m['loss']:.4f}",
+            "0 (zero-shot)" if r == 0 else str(r), f"{value:.4f}" if isinstance(value, (int, float)) else "-",
+            f"{m['loss']:.4f}" if isinstance(m.get("loss"), (int, float)) else "-",
             str(m.get("clients", "-")), f"{up:,}" if r else "-", f"{m.get('round_seconds', m.get('seconds', 0)):.1f}",
         )
     console.print(table)

@@ -41,26 +41,12 @@ def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="override a config key, e.g. --set rounds=2 --set train.local_steps=4 (repeatable)")
 
 
-def cmd_simulate(args) -> int:
-    from protocols.config import load_config
-    from simulations.simulate import run_simulation_for
-
-    cfg = load_config(args.config, args.overrides)  # fully validated before anything starts
-    err.print(f"[bold]fedadapt simulate[/]: {cfg.federation.num_clients} data owners, {cfg.rounds} rounds, "
-              f"trainer={cfg.trainer} model={cfg.model} data={cfg.data.dataset} codec={cfg.codec} merger={cfg.merger}")
-    rd = run_simulation_for(cfg)
-    err.print(f"run directory: [bold]{rd.path}[/] ({rd.wall_seconds:.0f}s)")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedadapt", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("simulate", help="run a local multi-node simulation")
-    add_config_args(s)
-    s.set_defaults(func=cmd_simulate)
-    for name, help_ in (("coordinator", "the model owner's commands"), ("client", "a data owner's commands"),
+    for name, help_ in (("simulate", "run a local multi-node simulation"),
+                        ("coordinator", "the model owner's commands"), ("client", "a data owner's commands"),
                         ("privacy", "privacy reports and audits"), ("merge", "merge PEFT adapters offline")):
         d = sub.add_parser(name, help=help_, add_help=False)
         d.add_argument("rest", nargs=argparse.REMAINDER)
@@ -70,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # umbrella subcommand -> "module:main" (each takes the remaining argv)
 DELEGATES = {
+    "simulate": "simulations.cli:main",
     "coordinator": "coordinator.cli:main",
     "client": "client_node.cli:main",
     "privacy": "privacy.cli:main",

@@ -22,9 +22,14 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    text: str
-    label: int
+    """One row of any task: classify uses ``text``/``label``; instruct ``messages`` ((role, content) pairs,
+    the last one the response; ``text``/``label`` too when it came from a classification row); lm ``text``."""
+
+    text: str = ""
+    label: int = -1
     domain: str = ""
+    group: str = ""  # the value of data.field (the field partitioner's key)
+    messages: tuple[tuple[str, str], ...] = ()
 
 
 def _candidate_roots() -> list[Path]:
@@ -58,7 +63,7 @@ def find_data_root(configured: str = "") -> Path:
 def resolve_dataset_dir(dataset: str, root: str = "", *, fetch: bool = True) -> Path:
     """A dataset name (folder under the data root) or a path to a dataset folder."""
     direct = Path(dataset).expanduser()
-    if direct.is_dir() and (direct / "labels.json").is_file():
+    if direct.is_dir() and ((direct / "labels.json").is_file() or any(direct.glob("*.jsonl"))):
         return direct
     base = find_data_root(root)
     d = base / dataset
@@ -74,51 +79,57 @@ def resolve_dataset_dir(dataset: str, root: str = "", *, fetch: bool = True) -> 
     )
 
 
-def read_labels(dataset_dir: Path, configured: list[str] | None = None) -> list[str]:
+def read_labels(dataset_dir: Path, configured: list[str] | None = None, *, required: bool = True) -> list[str]:
+    """The label names: ``data.labels`` when set, else ``labels.json`` (absent and not required: [])."""
     if configured:
         return list(configured)
     f = Path(dataset_dir) / "labels.json"
     if not f.is_file():
+        if not required:
+            return []
         raise DataError(f"{f} is missing: add a labels.json listing the label names, or set data.labels in the run config")
     try:
-        labels = json.loads(f.read_text())
+        labels = json.loads(_read_text(f))
     except json.JSONDecodeError as e:
         raise DataError(f"{f}: not valid JSON ({e.msg}, line {e.lineno}): it must be a JSON list of label names") from None
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-        raise DataError(f"{f}: must be a non-empty JSON list of label names (strings)")
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
+        raise DataError(f"{f}: must be a non-empty JSON list of label names (non-empty strings)")
+    if len(set(labels)) != len(labels):
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        raise DataError(f"{f}: duplicate label names {dup}: each label must appear once")
     return labels
 
 
-def read_classification_jsonl(path: str | Path, labels: list[str], *, limit: int = 0) -> list[Example]:
-    """Read ``{"text": ..., "label": ...}`` lines; the label must be one of ``labels``."""
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}): save the file as UTF-8") from None
+
+
+def read_examples(path: str | Path, task, *, limit: int = 0, group_field: str = "") -> list[Example]:
+    """Read a JSON Lines file with ``task.parse``; every problem is one line naming file, line and fix."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found: check data.dataset / --data, or create it (one JSON object per line)")
-    index = {name: i for i, name in enumerate(labels)}
     out: list[Example] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{where}: not UTF-8 text: save the file as UTF-8 JSON Lines") from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: bad JSON ({e.msg}): each line must be one JSON object") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+                raise DataError(f"{where}: bad JSON ({msg}): each line must be one JSON object") from None
             if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object with 'text' and 'label', got {type(obj).__name__}")
-            for key in ("text", "label"):
-                if key not in obj:
-                    raise DataError(f"{path}:{lineno}: missing field '{key}': every line needs 'text' and 'label'")
-            text, label = obj["text"], obj["label"]
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{path}:{lineno}: 'text' must be a non-empty string")
-            if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(labels):
-                label = labels[label]
-            if label not in index:
-                raise DataError(
-                    f"{path}:{lineno}: unknown label {label!r}: allowed labels are {labels} (set data.labels or fix the line)"
-                )
-            out.append(Example(text=text, label=index[label], domain=str(obj.get("domain", ""))))
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}: one object per line")
+            out.append(task.parse(obj, where, group_field))
             if limit and len(out) >= limit:
                 break
     if not out:
@@ -126,5 +137,16 @@ def read_classification_jsonl(path: str | Path, labels: list[str], *, limit: int
     return out
 
 
-def load_split(dataset_dir: Path, split: str, labels: list[str], *, limit: int = 0) -> list[Example]:
-    return read_classification_jsonl(Path(dataset_dir) / f"{split}.jsonl", labels, limit=limit)
+def read_classification_jsonl(path: str | Path, labels: list[str], *, limit: int = 0) -> list[Example]:
+    """Read ``{"text": ..., "label": ...}`` lines; the label must be one of ``labels``."""
+    from .tasks.classify import ClassifyTask
+
+    return read_examples(path, ClassifyTask(None, labels, prompt="{text}", max_length=64, label_words=[]), limit=limit)
+
+
+def load_split(dataset_dir: Path, split: str, labels_or_task, *, limit: int = 0, group_field: str = "") -> list[Example]:
+    """A split of a dataset folder, read by a task (or, given a list of labels, as classification)."""
+    path = Path(dataset_dir) / f"{split}.jsonl"
+    if isinstance(labels_or_task, (list, tuple)):
+        return read_classification_jsonl(path, list(labels_or_task), limit=limit)
+    return read_examples(path, labels_or_task, limit=limit, group_field=group_field)

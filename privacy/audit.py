@@ -132,10 +132,11 @@ def run_audit(cfg, *, canaries_per_side: int = 48, owner_index: int = 0, alpha: 
     """Train data owner ``owner_index`` (with canaries) under ``cfg``'s trainer; return the audit result."""
     from fedadapt.partitions import dataset_labels, simulated_client_examples
 
-    if cfg.trainer not in ("lora", "lora-dp"):
-        raise ValueError(f"the audit trains LoRA adapters: trainer must be 'lora' or 'lora-dp', not {cfg.trainer!r}")
-    labels = dataset_labels(cfg.data)
-    real = list(simulated_client_examples(cfg.data, cfg.federation.num_clients, owner_index, cfg.seed))
+    if cfg.trainer != "lora" or cfg.task != "classify":
+        raise ValueError(f"the audit trains LoRA adapters on a classification task: set trainer = \"lora\" and task = "
+                         f"\"classify\", not {cfg.trainer!r} / {cfg.task!r}")
+    labels = dataset_labels(cfg)
+    real = list(simulated_client_examples(cfg, cfg.federation.num_clients, owner_index))
     if canaries_per_side < 4:
         raise ValueError(f"canaries_per_side={canaries_per_side} is too few to bound anything: use at least 4 (32+ to detect leaks)")
     canaries = make_canaries(2 * canaries_per_side, len(labels), seed=cfg.seed + 7919, words=canary_words)
@@ -155,10 +156,11 @@ def run_audit(cfg, *, canaries_per_side: int = 48, owner_index: int = 0, alpha: 
 
 def _train_and_score(cfg, labels, train, canaries, member_idx, nonmember_idx, owner_index, alpha, canary_words,
                      ledger_dir, on_round) -> dict[str, Any]:
-    from client_node.trainers import TrainContext, TrainerRefused, get_trainer
     from fedadapt.adapters import add_, adapter_state, load_adapter_state
     from fedadapt.models import cached_lora_model
-    from fedadapt.task import VerbalizerTask
+    from fedadapt.tasks.classify import VerbalizerTask
+    from methods import get_trainer  # the method's own client half, exactly as a data owner runs it
+    from methods.base import TrainContext, TrainerRefused
 
     model, tok = cached_lora_model(cfg.model, cfg.lora, seed=cfg.seed)
     task = VerbalizerTask.from_config(tok, labels, cfg.data)
@@ -198,14 +200,14 @@ def _train_and_score(cfg, labels, train, canaries, member_idx, nonmember_idx, ow
     # (measured on tiny-llama: ε lower bound 1.69 from final losses vs 1.45 from changes, same run)
     scores = label_calibrated_scores(after, [c.label for c in canaries])
     n_local = len(train)
-    private = cfg.trainer == "lora-dp"
+    private = cfg.privacy.mode == "dp-sgd"
     delta = last_metrics.get("dp_delta", cfg.privacy.delta or 1.0 / (10 * n_local))
     member_scores = [scores[i] for i in member_idx]
     nonmember_scores = [scores[i] for i in nonmember_idx]
     bound = epsilon_lower_bound(member_scores, nonmember_scores, delta, alpha)
     claimed = last_metrics.get("dp_epsilon_total", float("inf")) if private else float("inf")
     return {
-        "trainer": cfg.trainer, "model": cfg.model, "rounds": rounds_done, "local_steps": cfg.train.local_steps,
+        "trainer": cfg.trainer, "privacy_mode": cfg.privacy.mode, "model": cfg.model, "rounds": rounds_done, "local_steps": cfg.train.local_steps,
         "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "n_local": n_local,
         "members": len(member_idx), "nonmembers": len(nonmember_idx), "canary_words": canary_words,
         "claimed_epsilon": claimed, "delta": delta, "alpha": alpha,

@@ -1,7 +1,9 @@
 """The run config: one pydantic model describes a whole run, validated before anything starts.
 
-Read from TOML (``simulations/configs/*.toml``) with ``--set key=value`` overrides. Every method's
-name is a Literal so a typo fails at load time with the allowed values; unknown keys are refused.
+Read from TOML (``simulations/configs/*.toml``) with ``--set key=value`` overrides. Every name is a
+Literal so a typo fails at load time with the allowed values; unknown keys are refused. The ``task``
+and ``trainer`` names and their ``[<name>]`` sections come from the two registries (``fedadapt.tasks``,
+``methods``): this module reads their config sections (pure pydantic) and nothing else of them.
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-# Names the registries answer to. Adding a method = one file + one registry line + its name here.
+from fedadapt.tasks import TASKS
+from methods import ALIASES, METHODS
+
 ModelName = Literal["smollm2-135m", "tiny-llama"]
-TrainerName = Literal["lora", "lora-dp", "offsite", "sfprompt", "dpopt"]
+TrainerName = Literal[tuple([*METHODS, *ALIASES])]  # type: ignore[valid-type]
+TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
 CodecName = Literal["none", "fp16", "int8", "compeft"]
 MergerName = Literal["fedavg", "task-arithmetic", "ties", "dare-ties", "pcb"]
-PartitionerName = Literal["iid", "dirichlet", "domain"]
+PartitionerName = Literal["iid", "dirichlet", "field", "domain"]
 
 
 class ConfigError(ValueError):
@@ -26,7 +31,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are refused: `train.lr=inf` would be accepted and every client would then refuse
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -40,6 +46,7 @@ class DataConfig(_Section):
     eval_split: str = "test"
     eval_examples: int = Field(0, ge=0)  # 0 = the whole split
     partitioner: PartitionerName = "iid"
+    field: str = ""  # partitioner="field": the JSON field whose values are the data owners (e.g. "label")
     alpha: float = Field(0.5, gt=0)  # Dirichlet concentration
     domains: list[str] = Field(default_factory=list)  # partitioner="domain": one sub-folder per node
     max_train_examples: int = Field(0, ge=0)  # 0 = all; caps each node's partition (tests)
@@ -80,13 +87,6 @@ class TrainConfig(_Section):
     threads: int = Field(0, ge=0)  # torch threads per process; 0 = all cores
 
 
-class LoraConfig(_Section):
-    r: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
-
-
 class CompressionConfig(_Section):
     density: float = Field(0.05, gt=0, le=1)  # compeft: fraction of entries kept per tensor
     alpha: float = Field(1.0, gt=0)  # compeft: scale = alpha * std of the kept values' source
@@ -109,7 +109,7 @@ class PrivacyConfig(_Section):
     delta: float = Field(0.0, ge=0, lt=1)  # 0 = 1 / (10 * n_local), below 1/n as DP requires
     max_grad_norm: float = Field(1.0, gt=0)
     accountant: Literal["rdp", "prv", "pld"] = "rdp"
-    grad_sample_mode: Literal["hooks", "ghost", "functorch"] = "hooks"
+    grad_sample_mode: Literal["hooks", "ghost", "functorch"] = "hooks"  # Opacus per-sample gradients
     client_level: bool = False  # client-level DP at the coordinator (clip each update, noise the merge)
     client_noise_multiplier: float = Field(1.0, ge=0)  # z; ignored when client_target_epsilon > 0
     client_clip_norm: float = Field(1.0, gt=0)  # C: L2 bound on one data owner's whole update
@@ -117,75 +117,11 @@ class PrivacyConfig(_Section):
     client_delta: float = Field(0.0, ge=0, lt=1)  # 0 = 1 / (10 * number of data owners)
 
 
-class OffsiteConfig(_Section):
-    emulator: Literal["uniform", "crash"] = "crash"
-    adapter_layers: tuple[int, int] = (2, 2)  # bottom, top layers the client trains
-    keep: int = Field(8, ge=1)  # unique middle layers kept in the emulator
-    calibration_examples: int = Field(64, ge=1)
-    distill_steps: int = Field(0, ge=0)
-    distill_examples: int = Field(0, ge=0)  # public texts the distillation cycles over; 0 = calibration_examples
-    distill_in_prompt: bool = True  # wrap that text in data.prompt, so the emulator is repaired where labels are read
-    use_lora: bool = False  # train the adapter layers fully (False) or with LoRA on them
-    emulator_dir: str = ""  # load a prebuilt emulator instead of building one
-    share: bool = True  # crash: repeat each group's kept layer at every position of its group (full depth)
-    calibration: str = "vader_sentiment/nyt_editorials"  # the model owner's public text: a shared dataset name, folder or .jsonl
-    massive_factor: float = Field(5.0, gt=1)  # CKA ignores tokens whose norm exceeds this x the median
-    distill_lr: float = Field(1e-4, gt=0)
-    distill_batch_size: int = Field(8, ge=1)
-    # the emulator rides on the coordinator's first round (nodes cache it by SHA-256), or on every round
-    send_emulator: Literal["first-round", "every-round"] = "first-round"
-
-
-class SFPromptConfig(_Section):
-    head_layers: int = Field(1, ge=1)  # blocks on the data owner before the body (plus embeddings, prompt)
-    tail_layers: int = Field(1, ge=1)  # blocks on the data owner after the body (plus norm, label rows)
-    prompt_tokens: int = Field(8, ge=1)
-    prompt_init_text: str = "Read the text and answer with the right label."  # soft prompt init (its embeddings)
-    prompt_lr: float = Field(0.0, ge=0)  # the soft prompt's learning rate; 0 = train.lr (the tail's)
-    prune_keep: float = Field(0.5, gt=0, le=1)  # fraction of local examples kept for split training
-    prune_score: Literal["el2n", "loss"] = "el2n"  # how the local model scores examples (highest kept)
-    local_loss_steps: int = Field(2, ge=0)  # head → tail updates without the body, before pruning
-    split_epochs: float = Field(1.0, gt=0)  # passes over the kept examples through the body per round
-    max_split_steps: int = Field(0, ge=0)  # 0 = no cap on split steps per round
-    body_address: str = "127.0.0.1:0"  # where the body service listens; port 0 = pick a free port
-    advertise_address: str = ""  # what clients dial; "" = body_address with the bound port
-    max_message_mb: int = Field(64, ge=1)
-    max_sessions: int = Field(16, ge=1)  # concurrent client streams the body serves
-    tls_cert: str = ""  # body service TLS certificate (PEM); with tls_key, the stream uses TLS
-    tls_key: str = Field("", validate_default=True)
-    tls_ca: str = ""  # CA that signed tls_cert, sent to clients to verify it; "" = tls_cert itself
-    tls_server_name: str = ""  # name clients check in the certificate; "" = the address's host
-
-    @field_validator("tls_key")
-    @classmethod
-    def _tls_pair(cls, v: str, info) -> str:
-        if bool(v) != bool(info.data.get("tls_cert")):
-            raise ValueError("sfprompt.tls_cert and sfprompt.tls_key go together: set both (TLS) or neither")
-        return v
-
-
-class DPOPTConfig(_Section):
-    epsilon: float = Field(8.0, gt=0)  # per data owner and round; inf = non-private (majority vote)
-    delta: float = Field(1e-5, gt=0, lt=1)
-    ensemble_size: int = Field(8, ge=1)  # members (disjoint demonstration sets) per prompt
-    num_prompts: int = Field(4, ge=1)  # candidate prompts per data owner and round
-    max_new_tokens: int = Field(24, ge=1)
-    mechanism: Literal["limited-domain", "exponential"] = "limited-domain"
-    shots: int = Field(4, ge=1)  # demonstrations per ensemble member
-    selection: Literal["public", "private"] = "public"
-    on_failure: Literal["stop", "fallback"] = "stop"
-    k_bar: int = Field(8, ge=1)  # limited-domain candidates per token
-    step_epsilon: float = Field(0.0, ge=0)  # 0 = calibrate from epsilon and max_new_tokens
-    max_demo_chars: int = Field(300, ge=16)  # longer demonstrations are cut
-    validation_fraction: float = Field(0.2, gt=0, lt=1)  # selection = "private": local rows kept for scoring
-    selection_split: str = "validation"  # selection = "public": the coordinator's split for choosing
-    selection_examples: int = Field(200, ge=0)  # 0 = the whole selection split
-
-
-class RunConfig(_Section):
+class _RunConfigCore(_Section):
     name: str = "run"
     seed: int = 0
     model: ModelName = "smollm2-135m"
+    task: TaskName = "classify"  # classify (label words), instruct (responses), lm (raw text)
     trainer: TrainerName = "lora"
     codec: CodecName = "none"
     merger: MergerName = "fedavg"
@@ -195,13 +131,9 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
-    offsite: OffsiteConfig = Field(default_factory=OffsiteConfig)
-    sfprompt: SFPromptConfig = Field(default_factory=SFPromptConfig)
-    dpopt: DPOPTConfig = Field(default_factory=DPOPTConfig)
 
     @field_validator("name")
     @classmethod
@@ -209,6 +141,19 @@ class RunConfig(_Section):
         if not v or any(c in v for c in "/\\\0") or v in {".", ".."}:
             raise ValueError("must be a plain folder name (no slashes)")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, raw: Any) -> Any:
+        # `trainer = "lora-dp"` is LoRA with `[privacy] mode = "dp-sgd"`
+        if isinstance(raw, dict) and raw.get("trainer") in ALIASES:
+            raw = dict(raw)
+            if raw["trainer"] == "lora-dp":
+                privacy = dict(raw.get("privacy") or {})
+                privacy["mode"] = "dp-sgd"
+                raw["privacy"] = privacy
+            raw["trainer"] = ALIASES[raw["trainer"]]
+        return raw
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
@@ -225,17 +170,41 @@ class RunConfig(_Section):
             )
         if self.data.label_words and self.data.labels and len(self.data.label_words) != len(self.data.labels):
             raise ValueError("data.label_words needs one word per entry of data.labels")
-        if self.trainer == "lora-dp" and self.privacy.mode != "dp-sgd":
-            self.privacy.mode = "dp-sgd"
-        if self.privacy.mode == "dp-sgd" and self.trainer == "lora":
-            self.trainer = "lora-dp"  # [privacy] mode = "dp-sgd" is how a user asks for DP LoRA
-        elif self.privacy.mode == "dp-sgd" and self.trainer not in ("lora-dp", "offsite"):
-            raise ValueError(f"privacy.mode='dp-sgd' needs trainer 'lora', 'lora-dp' or 'offsite', not {self.trainer!r}: "
-                             "set trainer = \"lora\" or privacy.mode = \"none\"")
+        spec = METHODS[self.trainer]
+        if self.task not in spec.tasks:
+            raise ValueError(
+                f"trainer {self.trainer!r} supports task {' / '.join(spec.tasks)} only, not task = {self.task!r} "
+                f"({spec.why_not}): set task = \"{spec.tasks[0]}\" or another trainer"
+            )
+        if self.privacy.mode == "dp-sgd" and not spec.dp_sgd:
+            able = sorted(n for n, m in METHODS.items() if m.dp_sgd)
+            raise ValueError(f"privacy.mode = \"dp-sgd\" needs a trainer among {able}, not {self.trainer!r}: "
+                             "change trainer or set privacy.mode = \"none\"")
+        if self.privacy.client_level and not spec.tensors:
+            raise ValueError(f"privacy.client_level clips tensor updates; trainer {self.trainer!r} sends none: turn it off")
+        if self.data.partitioner == "field" and not self.data.field:
+            raise ValueError("data.partitioner = \"field\" needs data.field, the JSON field naming each row's owner (e.g. \"label\")")
+        if self.data.partitioner == "dirichlet" and self.task == "lm":
+            raise ValueError("data.partitioner = \"dirichlet\" splits by label and task \"lm\" reads none: use \"iid\" or \"field\"")
         return self
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
+
+
+def _sections() -> dict[str, Any]:
+    """``[<name>]`` sections registered by tasks and methods."""
+    out: dict[str, Any] = {}
+    for name, (_task, section) in TASKS.items():
+        if section is not None:
+            out[name] = (section, Field(default_factory=section))
+    for name, spec in METHODS.items():
+        if spec.section is not None:
+            out[name] = (spec.section, Field(default_factory=spec.section))
+    return out
+
+
+RunConfig = create_model("RunConfig", __base__=_RunConfigCore, **_sections())
 
 
 # ---------------------------------------------------------------------------- loading

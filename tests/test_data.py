@@ -96,11 +96,11 @@ def test_dirichlet_is_skewed_and_disjoint():
 def test_domain_partitioner_one_owner_per_domain(data_root):
     cfg = load_config(None, [f"data.root='{data_root}'", "data.dataset='vader_sentiment'", "data.partitioner='domain'",
                              "data.domains=['tweets','amazon_reviews']", "federation.num_clients=2"])
-    a = simulated_client_examples(cfg.data, 2, 0, 0)
-    b = simulated_client_examples(cfg.data, 2, 1, 0)
+    a = simulated_client_examples(cfg, 2, 0)
+    b = simulated_client_examples(cfg, 2, 1)
     assert {e.domain for e in a} == {"tweets"} and {e.domain for e in b} == {"amazon_reviews"}
     with pytest.raises(DataError, match="num_clients"):
-        simulated_client_examples(cfg.data, 3, 0, 0)
+        simulated_client_examples(cfg, 3, 0)
 
 
 def test_unknown_partition_index():

@@ -13,7 +13,8 @@ import torch
 from fedadapt.data import load_split, read_labels
 from privacy.mechanisms.exponential import bounded_range_rdp, exponential_over_domain, exponential_top1
 from privacy.mechanisms.limited_domain import TokenAccountant, limited_domain_top1, vote_histogram
-from protocols.config import DPOPTConfig, load_config
+from methods.dpopt.config import DPOPTConfig
+from protocols.config import load_config
 
 from .conftest import REPO
 
@@ -112,7 +113,7 @@ def _rows(data_root, n=240):
 
 
 def test_slot_assignment_changes_one_slot_per_record(data_root):
-    from client_node.trainers.dpopt import assign_slots
+    from methods.dpopt.client import assign_slots
 
     rows, _ = _rows(data_root)
     a, va = assign_slots(rows, 16, 4, "seed", 0.2)
@@ -124,7 +125,7 @@ def test_slot_assignment_changes_one_slot_per_record(data_root):
 
 
 def test_generation_stops_when_budget_runs_out(data_root):
-    from client_node.trainers.dpopt import generate_prompts
+    from methods.dpopt.client import generate_prompts
     from fedadapt.models import load_model
 
     model, tok, _ = load_model("tiny-llama")
@@ -164,7 +165,7 @@ def test_dpopt_two_node_simulation(tmp_path, data_root):
 
 @pytest.mark.slow
 def test_smollm2_generates_non_empty_prompt(data_root):
-    from client_node.trainers.dpopt import generate_prompts
+    from methods.dpopt.client import generate_prompts
     from fedadapt.models import load_model
 
     model, tok, _ = load_model("smollm2-135m")

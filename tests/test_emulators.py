@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from coordinator.emulators import get_emulator_builder
-from coordinator.emulators.build import payload_tensors
-from coordinator.emulators.crash import contiguous_clusters, medoid, plan_crash
-from coordinator.emulators.similarity import cka_matrix, linear_cka, massive_token_mask
-from coordinator.emulators.uniform import plan_uniform
-from fedadapt.emulator import (
+from methods.offsite.emulators import get_emulator_builder
+from methods.offsite.emulators.build import payload_tensors
+from methods.offsite.emulators.crash import contiguous_clusters, medoid, plan_crash
+from methods.offsite.emulators.similarity import cka_matrix, linear_cka, massive_token_mask
+from methods.offsite.emulators.uniform import plan_uniform
+from methods.offsite.emulator import (
     EmulatorError, EmulatorPlan, adapter_layer_state, build_emulator_model, decode_emulator, emulator_tensors,
     encode_emulator, load_adapter_layers, payload_sha256, plug_in, rename_layers, unique_decoder_params,
 )
@@ -197,7 +197,7 @@ def test_emulator_build_command(tmp_path, data_root, capsys):
 
 
 def test_emulator_copies_live_weights_unless_it_owns_them():
-    from fedadapt.emulator import decode_emulator, encode_emulator
+    from methods.offsite.emulator import decode_emulator, encode_emulator
 
     full = small_llama(8)
     plan = plan_uniform(8, 2, 2, 2)
@@ -219,7 +219,7 @@ def test_emulator_copies_live_weights_unless_it_owns_them():
 
 
 def test_distillation_in_the_prompt_repairs_the_emulator(data_root):
-    from coordinator.emulators.build import EmulatorSpec, build_emulator, distill_batches
+    from methods.offsite.emulators.build import EmulatorSpec, build_emulator, distill_batches
     from fedadapt.models import load_model
 
     full, tok, _ = load_model("tiny-llama", seed=0)

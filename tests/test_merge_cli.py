@@ -12,7 +12,8 @@ from coordinator.merge_cli import main as merge_main
 from coordinator.merge_cli import merge_adapters
 from fedadapt.adapters import adapter_state, save_peft_adapter
 from fedadapt.models import cached_lora_model
-from protocols.config import LoraConfig, MergeConfig
+from methods.lora.config import LoraConfig
+from protocols.config import MergeConfig
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from client_node.node import handle_round
-from client_node.trainers import offsite as offsite_trainer
-from coordinator.methods.offsite import OffsiteServerMethod
-from fedadapt.emulator import EmulatorError, decode_emulator
+from methods.offsite import client as offsite_trainer
+from methods.offsite.server import OffsiteServer
+from methods.offsite.emulator import EmulatorError, decode_emulator
 from fedadapt.models import load_model
 from protocols.codecs import get_codec
 from protocols.messages import RoundInstruction
@@ -34,7 +34,7 @@ def fresh_client_cache(tmp_path, monkeypatch):
 
 
 def test_client_receives_only_emulator_and_adapter_layers(offsite_cfg):
-    method = OffsiteServerMethod(offsite_cfg, ["negative", "positive"])
+    method = OffsiteServer(offsite_cfg, ["negative", "positive"])
     plan = method.plan
     global_state = method.initial_global()
     first, later = method.round_extra(1), method.round_extra(2)
@@ -64,7 +64,7 @@ def test_client_receives_only_emulator_and_adapter_layers(offsite_cfg):
 
 
 def test_client_trains_on_emulator_and_caches_it_by_hash(offsite_cfg, fresh_client_cache):
-    method = OffsiteServerMethod(offsite_cfg, ["negative", "positive"])
+    method = OffsiteServer(offsite_cfg, ["negative", "positive"])
     g = method.initial_global()
 
     def instruction(r):
@@ -96,7 +96,7 @@ def test_offsite_trains_under_dp_sgd_and_charges_the_ledger_first(offsite_cfg, f
     raw = json.loads(offsite_cfg.model_dump_json())
     cfg = validate_config(apply_overrides(raw, ["privacy.mode='dp-sgd'", "privacy.target_epsilon=4.0", "rounds=2"]))
     assert cfg.trainer == "offsite"
-    method = OffsiteServerMethod(cfg, ["negative", "positive"])
+    method = OffsiteServer(cfg, ["negative", "positive"])
     g = method.initial_global()
     node = {"partition-id": 0, "num-partitions": 2, "ledger-dir": str(tmp_path / "ledger")}
 
@@ -122,7 +122,7 @@ def test_offsite_trains_under_dp_sgd_and_charges_the_ledger_first(offsite_cfg, f
 def test_offsite_refuses_mismatched_emulator(offsite_cfg, tmp_path):
     offsite_cfg.offsite.emulator_dir = str(tmp_path / "nothing-here")
     with pytest.raises(EmulatorError, match="coordinator emulator build"):
-        OffsiteServerMethod(offsite_cfg, ["negative", "positive"])
+        OffsiteServer(offsite_cfg, ["negative", "positive"])
 
 
 def test_offsite_simulation_two_nodes(offsite_cfg):
@@ -138,7 +138,7 @@ def test_offsite_simulation_two_nodes(offsite_cfg):
     assert sum(m["emulator_bytes_received"] > 0 for m in clients if m["round"] == 1) >= 1  # the payload rode round 1
     assert all(m["emulator_bytes_received"] == 0 for m in clients if m["round"] == 2)
     table = json.loads((rd.path / "offsite" / "table.json").read_text())
-    assert set(table) == {"full_zero_shot", "emulator_zero_shot", "emulator_fine_tuned", "plug_in"}
+    assert set(table) == {"metric", "full_zero_shot", "emulator_zero_shot", "emulator_fine_tuned", "plug_in"}
     assert table["plug_in"]["round"] == 2 and table["full_zero_shot"]["accuracy"] == evals[0]["accuracy"]
     from safetensors.torch import load_file
 

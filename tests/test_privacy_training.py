@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from client_node.trainers import TrainContext, TrainerRefused, get_trainer
+from methods import get_trainer
+from methods.base import TrainContext, TrainerRefused
 from fedadapt.adapters import adapter_state
 from fedadapt.models import cached_lora_model
 from fedadapt.partitions import dataset_labels, simulated_client_examples
@@ -25,20 +26,22 @@ def _cfg(*overrides):
     return load_config(TINY, ["privacy.mode=dp-sgd", "privacy.target_epsilon=3", "rounds=2", *overrides])
 
 
-def test_dp_mode_selects_the_dp_trainer():
-    assert _cfg().trainer == "lora-dp"
+def test_dp_mode_wraps_the_method_and_lora_dp_is_an_alias():
+    assert _cfg().trainer == "lora" and _cfg().privacy.mode == "dp-sgd"
+    alias = load_config(TINY, ["trainer=lora-dp"])
+    assert alias.trainer == "lora" and alias.privacy.mode == "dp-sgd"
     assert _cfg("trainer=offsite").trainer == "offsite"  # offsite trains its adapter layers under DP-SGD
-    with pytest.raises(Exception, match="needs trainer"):
+    with pytest.raises(Exception, match="needs a trainer among"):
         _cfg("trainer=sfprompt")
 
 
 def test_lora_dp_trains_charges_and_refuses(tmp_path):
     cfg = _cfg()
-    labels = dataset_labels(cfg.data)
-    examples = list(simulated_client_examples(cfg.data, 2, 0, cfg.seed))
+    labels = dataset_labels(cfg)
+    examples = list(simulated_client_examples(cfg, 2, 0))
     model, _ = cached_lora_model(cfg.model, cfg.lora, seed=cfg.seed)
     start = adapter_state(model)
-    train = get_trainer("lora-dp")
+    train = get_trainer(cfg.trainer)
     totals = []
     for r in (1, 2):
         res = train(TrainContext(cfg=cfg, round=r, global_state=start, examples=examples, labels=labels,
@@ -137,17 +140,17 @@ def test_audit_detects_a_non_private_leak_and_a_dp_run_stays_within_its_claim(wi
     assert leaky["member_score_mean"] < leaky["nonmember_score_mean"]
 
     private = _audit("privacy.mode=dp-sgd", "privacy.target_epsilon=1")
-    assert private["trainer"] == "lora-dp" and 0 < private["claimed_epsilon"] <= 1.0
+    assert private["privacy_mode"] == "dp-sgd" and 0 < private["claimed_epsilon"] <= 1.0
     assert private["within_claim"] and private["epsilon_lower_bound"] <= private["claimed_epsilon"], private
     assert private["epsilon_lower_bound"] < leaky["epsilon_lower_bound"]
 
 
 def test_audit_fails_a_dp_trainer_whose_noise_is_switched_off(wide_tiny_llama, monkeypatch):
     # a broken DP implementation: the ledger charges ε for σ, but training adds no noise
-    import client_node.trainers.lora_dp as lora_dp
+    import privacy.dp_sgd as dp_sgd
 
-    real = lora_dp.run_dp_sgd
-    monkeypatch.setattr(lora_dp, "run_dp_sgd", lambda *a, **kw: real(*a, **{**kw, "noise_multiplier": 0.0}))
+    real = dp_sgd.DPSGD.__init__
+    monkeypatch.setattr(dp_sgd.DPSGD, "__init__", lambda self, sigma, *a, **kw: real(self, 0.0, *a, **kw))
     broken = _audit("privacy.mode=dp-sgd", "privacy.target_epsilon=0.5")
     assert 0 < broken["claimed_epsilon"] <= 0.5
     assert not broken["within_claim"] and broken["epsilon_lower_bound"] > broken["claimed_epsilon"], broken  # measured 1.45
@@ -163,13 +166,13 @@ def test_audit_cli_exit_code_follows_the_claim(monkeypatch, capsys):
     seen = {}
 
     def fake(cfg, **kw):
-        seen.update(kw, trainer=cfg.trainer)
+        seen.update(kw, trainer=cfg.trainer, mode=cfg.privacy.mode)
         return {**base, "within_claim": False}
 
     monkeypatch.setattr(privacy.audit, "run_audit", fake)
     assert main(["audit", "--config", str(TINY), "--set", "privacy.mode=dp-sgd", "--canaries", "40"]) == 1
     assert "AUDIT FAILED" in capsys.readouterr().out
-    assert seen["canaries_per_side"] == 40 and seen["trainer"] == "lora-dp" and seen["canary_words"] == 3
+    assert seen["canaries_per_side"] == 40 and seen["mode"] == "dp-sgd" and seen["canary_words"] == 3
     monkeypatch.setattr(privacy.audit, "run_audit", lambda cfg, **kw: {**base, "epsilon_lower_bound": 0.3,
                                                                         "within_claim": True})
     assert main(["audit", "--config", str(TINY), "--set", "privacy.mode=dp-sgd"]) == 0

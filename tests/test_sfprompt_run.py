@@ -11,8 +11,8 @@ from client_node.node import handle_round
 from protocols.split_wire import BODY_ADDRESS_KEY
 from coordinator.rounds import Coordinator
 from coordinator.run_dir import RunDir
-from coordinator.split_body import BodyServer, SessionRules
-from fedadapt.split_model import PROMPT_KEY
+from methods.sfprompt.body import BodyServer, SessionRules
+from methods.sfprompt.split_model import PROMPT_KEY
 from safetensors.torch import load_file
 
 from .test_sfprompt_split import DiesAfterFirstForward

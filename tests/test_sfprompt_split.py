@@ -10,15 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from client_node.trainers.base import TrainContext
-from client_node.trainers.sfprompt import (
-    BodyStream, BodyStreamError, prune_indices, score_logits, train_sfprompt,
+from methods.base import TrainContext
+from methods.sfprompt.client import (
+    BodyStream, BodyStreamError, prune_indices, score_logits, train,
 )
-from coordinator.split_body import BodyServer, BodyServicer, SessionRules, TLSFiles
+from methods.sfprompt.body import BodyServer, BodyServicer, SessionRules, TLSFiles
 from fedadapt.data import load_split, resolve_dataset_dir
 from fedadapt.models import load_model
-from fedadapt.split_model import PROMPT_KEY, SplitError, SplitLlama
-from fedadapt.task import VerbalizerTask
+from methods.sfprompt.split_model import PROMPT_KEY, SplitError, SplitLlama
+from fedadapt.tasks.classify import VerbalizerTask
 from protocols import split_pb2
 from protocols.split_wire import BODY_ADDRESS_KEY, SplitWireError, pack_tensors, unpack_tensors
 
@@ -165,7 +165,7 @@ def test_server_never_receives_tokens_or_labels(body, tiny_cfg, data_root):
     tiny_cfg.data.root = str(data_root)
     examples = _examples(data_root, 32)
     body.servicer.seen.clear()
-    res = train_sfprompt(_ctx(tiny_cfg, body.address(), examples))
+    res = train(_ctx(tiny_cfg, body.address(), examples))
     assert res.status == "ok", res.reason
     assert res.metrics["kept_examples"] == 16 and res.metrics["split_steps"] == 2  # 32 · 0.5 / batch 8
     assert set(res.update) == {PROMPT_KEY} | {k for k in res.update if k.startswith("tail.")}
@@ -273,7 +273,7 @@ def test_server_killed_mid_round_gives_a_clear_client_error(tiny_cfg, data_root)
     server.servicer.server = server
     server.start("127.0.0.1:0")
     try:
-        res = train_sfprompt(_ctx(tiny_cfg, server.address(), _examples(data_root, 32)))
+        res = train(_ctx(tiny_cfg, server.address(), _examples(data_root, 32)))
     finally:
         server.stop(0)
     assert res.status == "error"
@@ -370,14 +370,14 @@ def test_tls_stream_and_plaintext_client_refused(tmp_path):
 
 
 def test_missing_tls_file_is_one_clear_line(tmp_path):
-    from coordinator.split_body import BodyServiceError
+    from methods.sfprompt.body import BodyServiceError
 
     with pytest.raises(BodyServiceError, match="coordinator certs"):
         TLSFiles(tmp_path / "nope.pem", tmp_path / "nope.key").read()
 
 
 def test_certs_dir_of_coordinator_serve_turns_tls_on(tmp_path, tiny_cfg):
-    from coordinator.split_body import start_body_server
+    from methods.sfprompt.body import start_body_server
 
     cert, key = _self_signed(tmp_path)
     cert.rename(tmp_path / "server.pem")
@@ -402,23 +402,23 @@ def test_certs_dir_of_coordinator_serve_turns_tls_on(tmp_path, tiny_cfg):
 
 
 def test_trainer_over_tls_with_the_certificate_from_the_round_instruction(tmp_path, tiny_cfg, data_root):
-    from coordinator.methods.sfprompt import SFPromptServerMethod
+    from methods.sfprompt.server import SFPromptServer
     from protocols.split_wire import BODY_CA_KEY
 
     cert, key = _self_signed(tmp_path)
     tiny_cfg.data.root = str(data_root)
     ctx = _ctx(tiny_cfg, "", _examples(data_root, 16))
     tiny_cfg.sfprompt = tiny_cfg.sfprompt.model_copy(update={"tls_cert": str(cert), "tls_key": str(key)})
-    method = SFPromptServerMethod(tiny_cfg, LABELS)
+    method = SFPromptServer(tiny_cfg, LABELS)
     try:
         extra = method.round_extra(1)
         assert extra[BODY_CA_KEY].startswith("-----BEGIN CERTIFICATE-----")
         ctx.extra.update(extra)
         ctx.global_state = method.initial_global()
-        res = train_sfprompt(ctx)
+        res = train(ctx)
         assert res.status == "ok", res.reason
         ctx.extra.pop(BODY_CA_KEY)  # a data owner that does not verify gets no session
-        res = train_sfprompt(ctx)
+        res = train(ctx)
         assert res.status == "error" and "unreachable or broke off" in res.reason
     finally:
         method.close()

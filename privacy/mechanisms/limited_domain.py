@@ -10,7 +10,7 @@ and returns the noisy winner only if it beats the noisy threshold. Tokens outsid
 can never be released, so the output does not pay for the whole vocabulary ``d`` (compare
 ``exponential_over_domain``), at the price of ``delta0`` per call.
 
-Assumptions (the caller's job; ``client_node/trainers/dpopt.py`` meets them):
+Assumptions (the caller's job; ``methods/dpopt/client.py`` meets them):
 * The histogram is of **votes**: every ensemble member casts exactly one vote, and every private
   record is in the demonstrations of at most one member of the ensemble that votes. Adding or removing
   a record changes one member's vote: l-infinity sensitivity 1, l0 sensitivity ``l0 = 2``.
