@@ -49,8 +49,8 @@ def centralized(cfg, steps: int) -> tuple[dict, float]:
     from fedadapt.adapters import make_lora_model
     from fedadapt.models import load_model, set_threads
     from fedadapt.partitions import dataset_labels, eval_examples, simulated_client_examples
-    from fedadapt.tasks.classify import VerbalizerTask
-    from fedadapt.train import batches
+    from fedadapt.tasks import build_task
+    from fedadapt.train import train_steps
 
     set_threads(cfg.train.threads)
     labels = dataset_labels(cfg)
@@ -58,16 +58,10 @@ def centralized(cfg, steps: int) -> tuple[dict, float]:
               for e in simulated_client_examples(cfg, cfg.federation.num_clients, i)]
     base, tok, _ = load_model(cfg.model)
     model = make_lora_model(base, cfg.lora, seed=cfg.seed)
-    task = VerbalizerTask.from_config(tok, labels, cfg.data)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
-    model.train()
-    t0 = time.perf_counter()
-    for chunk in batches(pooled, cfg.train.batch_size, steps, torch.Generator().manual_seed(cfg.seed)):
-        inputs, y = task.batch(chunk)
-        task.loss(model, inputs, y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    seconds = time.perf_counter() - t0
+    task = build_task(cfg, labels, tok)
+    params = [p for p in model.parameters() if p.requires_grad]
+    st = train_steps(model, params, task, pooled, cfg.train, torch.Generator().manual_seed(cfg.seed), steps=steps)
+    seconds = st["train_seconds"]
     return task.evaluate(model, eval_examples(cfg), batch_size=cfg.train.eval_batch_size), seconds
 
 

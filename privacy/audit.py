@@ -110,8 +110,7 @@ def _canary_losses(model, task, canaries, batch_size: int = 32) -> list[float]:
     out = []
     with torch.no_grad():
         for s in range(0, len(canaries), batch_size):
-            inputs, labels = task.batch(canaries[s:s + batch_size])
-            out.extend(task.loss(model, inputs, labels, reduction="none").tolist())
+            out.extend(task.per_example_loss(model, task.collate(canaries[s:s + batch_size])).tolist())
     return out
 
 

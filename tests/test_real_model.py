@@ -48,3 +48,19 @@ def test_smollm2_offsite_crash_emulator_protects_the_model(tmp_path, data_root):
     assert full > 0.75, table  # measured 0.845 on these rows
     assert emu < full - 0.10, table  # measured 0.37-0.69 over emulators: the emulator is not the model
     assert table["emulator_fine_tuned"]["accuracy"] < table["plug_in"]["accuracy"] - 0.05, table
+
+
+@pytest.mark.slow
+def test_smollm2_instruct_lowers_held_out_response_loss(tmp_path, data_root):
+    # the instruct config's setting, shrunk: 2 of the vader domains as owners, one round of 12 steps, the
+    # response loss (one-word answers after SmolLM2's chat template) on 200 pooled test rows
+    cfg = load_config(REPO / "simulations" / "configs" / "instruct.toml", [
+        f"output_dir='{tmp_path}'", f"data.root='{data_root}'", "rounds=1", "federation.num_clients=2",
+        "federation.min_clients=2", "data.domains=['tweets','nyt_editorials']", "train.local_steps=12",
+        "data.eval_examples=200", "instruct.generate_examples=0",
+    ])
+    rd = RunDir.create(cfg)
+    Coordinator(cfg, rd).run(LocalTransport(2))
+    evals = {m["round"]: m for m in rd.metrics if m["kind"] == "eval"}
+    assert evals[0]["primary"] == "perplexity" and evals[0]["examples"] == 200
+    assert evals[1]["loss"] < evals[0]["loss"] - 0.05, evals
