@@ -185,12 +185,16 @@ def report(res: dict, argv: list[str]) -> str:
             f"{st['rounds']} rounds × {st['steps']} local steps × batch {st['batch']}, lr {st['lr']:g}, LoRA FedAvg; "
             f"centralized: {r['centralized']['steps']} steps on the pooled data. Pooled test: {st['pooled_rows']} rows "
             f"(every k-th of the 4 test splits); own test: {st['own_rows']} rows.", "",
-            "| model | pooled accuracy | pooled response ppl | training s |", "|---|---:|---:|---:|",
-            f"| zero-shot | {acc(r['zero_shot']['pooled'])} | {r['zero_shot']['pooled']['perplexity']:.3f} | - |",
-            f"| federated | {acc(r['federated']['pooled'])} | {r['federated']['pooled']['perplexity']:.3f} | {r['federated']['seconds']:.0f} |",
-            f"| centralized | {acc(r['centralized']['pooled'])} | {r['centralized']['pooled']['perplexity']:.3f} | {r['centralized']['seconds']:.0f} |",
-            *[f"| local-only {st['domains'][i]} | {acc(m['pooled'])} | {m['pooled']['perplexity']:.3f} | {m['seconds']:.0f} |"
-              for i, m in enumerate(r["local"])],
+            "| model | pooled accuracy (exact) | pooled: answer contained | pooled response ppl | training s |",
+            "|---|---:|---:|---:|---:|",
+            f"| zero-shot | {acc(r['zero_shot']['pooled'])} | {r['zero_shot']['pooled']['contains']:.3f} | "
+            f"{r['zero_shot']['pooled']['perplexity']:.3f} | - |",
+            f"| federated | {acc(r['federated']['pooled'])} | {r['federated']['pooled']['contains']:.3f} | "
+            f"{r['federated']['pooled']['perplexity']:.3f} | {r['federated']['seconds']:.0f} |",
+            f"| centralized | {acc(r['centralized']['pooled'])} | {r['centralized']['pooled']['contains']:.3f} | "
+            f"{r['centralized']['pooled']['perplexity']:.3f} | {r['centralized']['seconds']:.0f} |",
+            *[f"| local-only {st['domains'][i]} | {acc(m['pooled'])} | {m['pooled']['contains']:.3f} | "
+              f"{m['pooled']['perplexity']:.3f} | {m['seconds']:.0f} |" for i, m in enumerate(r["local"])],
             "", "| owner | own test: zero-shot | own test: local-only | own test: federated | pooled: local-only | pooled: federated |",
             "|---|---:|---:|---:|---:|---:|",
             *[f"| {st['domains'][i]} | {r['zero_shot']['own'][i]['exact_match']:.3f} | {m['own']['exact_match']:.3f} | "

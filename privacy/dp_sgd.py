@@ -96,9 +96,11 @@ def dp_round_metrics(cfg, plan: dict, entry: dict) -> dict[str, float]:
 
 
 class _Identity:
-    """A 'criterion' that returns the per-example losses it is given (ghost clipping's wrapper needs one)."""
+    """A 'criterion' that returns the per-example losses it is given (ghost clipping's wrapper needs one;
+    it checks the reduction is "mean", then sets "none" and averages itself)."""
 
-    reduction = "none"
+    def __init__(self):
+        self.reduction = "mean"
 
     def __call__(self, losses, _target=None):
         return losses

@@ -68,3 +68,24 @@ def test_instruct_and_lm_through_flower_simulation(tiny_cfg):
         evals = [m for m in evals if m["kind"] == "eval"]
         assert [m["round"] for m in evals] == [0, 1] and evals[-1]["primary"] == "perplexity"
         assert (rd.path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "functorch"])
+def test_dp_sgd_wraps_the_one_loop_for_every_task_and_grad_sample_mode(tiny_cfg, mode):
+    from fedadapt.models import cached_lora_model
+    from fedadapt.partitions import simulated_client_examples
+    from fedadapt.tasks import build_task
+    from fedadapt.train import train_steps
+    from privacy.dp_sgd import DPSGD
+
+    for task_name in ("classify", "instruct", "lm"):
+        cfg = _cfg(tiny_cfg, f"task='{task_name}'", "train.local_steps=2")
+        model, tok = cached_lora_model(cfg.model, cfg.lora, seed=cfg.seed)
+        task = build_task(cfg, ["negative", "positive"], tok)
+        params = [p for p in model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        st = train_steps(model, params, task, simulated_client_examples(cfg, 2, 0), cfg.train, None,
+                         dp=DPSGD(1.0, 1.0, mode))
+        assert st["steps"] == 2 and "examples_seen" not in st  # a DP step reports no exact batch sizes
+        assert any(not (p.detach() == b).all() for p, b in zip(params, before))
+        assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in params)  # hooks removed
