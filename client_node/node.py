@@ -18,7 +18,7 @@ from protocols.config import ConfigError, config_from_json
 from protocols.messages import RoundInstruction, UpdateEnvelope
 
 from .data import local_examples
-from methods import get_trainer
+from methods import get_method, get_trainer
 from methods.base import TrainContext, TrainerRefused
 
 log = logging.getLogger("fedadapt.client")
@@ -39,13 +39,15 @@ def handle_round(instr: RoundInstruction, node_config: dict, state: dict[str, to
         ctx = TrainContext(
             cfg=cfg, round=instr.round, global_state=global_state, examples=examples, labels=labels,
             client_name=client_name, state=state, ledger_dir=ledger_dir, extra=dict(instr.extra),
+            owner_budget=_owner_budget(node_config),
         )
+        private = cfg.privacy.mode == "dp-sgd" or get_method(cfg.trainer).always_private
         with local_progress(client_name, instr.round, cfg.train.local_steps) as on_step:
             ctx.on_step = on_step
             result = trainer(ctx)
         if result.status != "ok":
             return UpdateEnvelope(status=result.status, reason=result.reason, client_name=client_name,
-                                  metrics=result.metrics, extra=result.extra)
+                                  metrics=released_metrics(result.metrics, private), extra=result.extra)
         codec = codec_from_config(cfg)
         t_enc = time.perf_counter()
         payload = codec.encode(result.update, state)
@@ -56,8 +58,13 @@ def handle_round(instr: RoundInstruction, node_config: dict, state: dict[str, to
             encode_seconds=time.perf_counter() - t_enc,
             client_seconds=time.perf_counter() - t0,
         )
-        return UpdateEnvelope(status="ok", payload=payload, num_examples=result.num_examples,
-                              client_name=client_name, metrics=metrics, extra=result.extra)
+        if private:  # the statistics stay in this node's log; only the update and its ε/δ leave
+            log.info("%s round %d (kept on this node): %s", client_name, instr.round,
+                     {k: round(v, 4) for k, v in metrics.items() if k not in PRIVATE_RELEASE})
+        # under DP the merge weight is a public constant, never the exact local count
+        num_examples = 1 if private else result.num_examples
+        return UpdateEnvelope(status="ok", payload=payload, num_examples=num_examples,
+                              client_name=client_name, metrics=released_metrics(metrics, private), extra=result.extra)
     except TrainerRefused as e:
         log.warning("%s refuses round %d: %s", client_name or "client", instr.round, e)
         return UpdateEnvelope(status="refused", reason=str(e), client_name=client_name)
@@ -94,13 +101,33 @@ def local_progress(client_name: str, round_no: int, steps: int):
                  last["loss"], dt / last["step"])
 
 
+# What a private node releases besides the update: its ε/δ figures, and sizes the coordinator sees anyway.
+PRIVATE_RELEASE = frozenset({
+    "dp_epsilon_round", "dp_epsilon_total", "dp_epsilon_cross_check", "dp_delta", "dp_epsilon_budget",
+    "epsilon", "delta", "bytes_up", "bytes_down",
+})
+
+
+def released_metrics(metrics: dict, private: bool) -> dict:
+    """Metrics that may leave this node: all of them, or under DP only the ε/δ figures and sizes."""
+    return {k: v for k, v in metrics.items() if not private or k in PRIVATE_RELEASE}
+
+
+def _owner_budget(node_config: dict) -> tuple[float, float] | None:
+    """The data owner's own lifetime (ε, δ) from ``client join --epsilon-budget/--delta-budget``."""
+    if "epsilon-budget" not in node_config:
+        return None
+    return float(node_config["epsilon-budget"]), float(node_config.get("delta-budget", 1e-5))
+
+
 def _ledger_dir(instr: RoundInstruction, node_config: dict, cfg) -> Path:
-    # A data owner keeps its own ledger (node config "ledger-dir", else beside its cache); in simulation
-    # the coordinator names the run directory so the report finds every simulated owner's ledger.
+    # A data owner keeps its own ledger (node config "ledger-dir", else in its home, one per owner for every
+    # run on its data, never per run name); in simulation the coordinator names the run directory so the
+    # report finds every simulated owner's ledger.
     if node_config.get("ledger-dir"):
         return Path(str(node_config["ledger-dir"])).expanduser()
     if instr.extra.get("run_dir"):
         return Path(str(instr.extra["run_dir"])) / "privacy"
     from fedadapt.paths import home
 
-    return home() / "ledgers" / cfg.name
+    return home() / "ledgers"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -72,9 +73,17 @@ def wait_for_nodes(transport: Transport, minimum: int, timeout: float) -> list[i
 
 
 def sample_nodes(nodes: list[int], per_round: int, seed: int, round_no: int) -> list[int]:
+    """A fixed-size sample from the run seed (public and reproducible: no privacy rests on it)."""
     if per_round <= 0 or per_round >= len(nodes):
         return list(nodes)
     return sorted(random.Random(seed * 100_003 + round_no).sample(nodes, per_round))
+
+
+def poisson_sample_nodes(nodes: list[int], rate: float) -> list[int]:
+    """Each node in independently with probability ``rate``, from OS entropy: the sampling client-level DP's
+    accountant assumes (a secret Poisson sample; its size varies, and may be 0)."""
+    rng = secrets.SystemRandom()
+    return sorted(n for n in nodes if rng.random() < rate)
 
 
 class Coordinator:
@@ -159,7 +168,11 @@ class Coordinator:
             for r in range(done + 1, cfg.rounds + 1):
                 t_round = time.perf_counter()
                 nodes = wait_for_nodes(transport, fed.min_available_clients or fed.min_clients, fed.wait_for_clients_s)
-                chosen = sample_nodes(nodes, fed.clients_per_round, cfg.seed, r)
+                if self.client_dp is not None:
+                    rate = self.client_dp.sample_rate(fed.clients_per_round, len(nodes))
+                    chosen = poisson_sample_nodes(nodes, rate)
+                else:
+                    chosen = sample_nodes(nodes, fed.clients_per_round, cfg.seed, r)
                 payload = get_codec("none").encode(global_state)
                 instr = self.instruction(r, payload)
                 clients_task = progress.add_task(f"round {r}: clients", total=len(chosen))
@@ -168,7 +181,9 @@ class Coordinator:
                 )
                 progress.remove_task(clients_task)
                 outcome = self._collect(r, replies, expected, len(payload))
-                if len(outcome.accepted) < fed.min_clients:
+                # client-level DP releases every round, even with few or no updates (the noise alone):
+                # skipping a round because the secret sample was small would tell who was in it
+                if self.client_dp is None and len(outcome.accepted) < fed.min_clients:
                     rd.mark("failed", reason=f"round {r}: {len(outcome.accepted)} usable updates < min_clients {fed.min_clients}")
                     raise RoundFailed(
                         f"round {r} got {len(outcome.accepted)} usable updates, fewer than federation.min_clients="
@@ -177,13 +192,19 @@ class Coordinator:
                 t_merge = time.perf_counter()
                 merger = self.merger
                 if self.client_dp is not None:
-                    merger = self.client_dp.merger_for_round(r, len(chosen), len(nodes))
+                    try:
+                        merger = self.client_dp.merger_for_round(r, len(nodes), fed.clients_per_round, global_state)
+                    except ValueError as e:
+                        rd.mark("failed", reason=str(e))
+                        raise RoundFailed(str(e)) from None
                 try:
                     global_state = self.method.aggregate(r, global_state, outcome.accepted, merger, cfg.merge)
                 except BudgetExceeded as e:
                     rd.mark("failed", reason=str(e))
                     raise RoundFailed(f"round {r}: client-level privacy budget spent: {e}") from None
                 merge_s = time.perf_counter() - t_merge
+                if self.client_dp is not None and (self.client_dp.last_charge or {}).get("warning"):
+                    log.warning("round %d: %s", r, self.client_dp.last_charge["warning"])
                 ev = self._evaluate(global_state, progress, f"round {r}: evaluation")
                 rd.append_metrics({
                     "kind": "eval", "round": r, **ev, "clients": len(outcome.accepted),

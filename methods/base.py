@@ -29,6 +29,9 @@ class TrainContext:
     client_name: str
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # persists across rounds on this node
     ledger_dir: Path | None = None  # where this data owner's privacy ledger lives
+    # the data owner's own lifetime (ε, δ) budget for its ledger (``client join --epsilon-budget/--delta-budget``);
+    # None: a simulated owner, budgeted by the run config
+    owner_budget: tuple[float, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific values from the coordinator
     on_step: Callable[[int, float], None] | None = None  # progress: (step, loss)
 
@@ -65,7 +68,8 @@ def train_locally(ctx: TrainContext, model, params: list[torch.nn.Parameter], ta
     from privacy.dp_sgd import DPRefused, DPSGD, charge_dp_round, dp_round_metrics
 
     try:
-        plan, entry = charge_dp_round(cfg, len(ctx.examples), ctx.ledger_dir, ctx.client_name, ctx.round)
+        plan, entry = charge_dp_round(cfg, len(ctx.examples), ctx.ledger_dir, ctx.client_name, ctx.round,
+                                      owner_budget=ctx.owner_budget)
     except DPRefused as e:
         raise TrainerRefused(str(e)) from None
     p = cfg.privacy

@@ -17,6 +17,7 @@ class MethodSpec:
     tasks: tuple[str, ...] = ALL_TASKS  # the tasks it can train
     dp_sgd: bool = False  # runs under ``privacy.mode = "dp-sgd"``
     tensors: bool = True  # its global state is tensors (codecs, mergers, client-level DP apply)
+    always_private: bool = False  # every release is differentially private (DP-OPT), whatever privacy.mode
     why_not: str = ""  # one line: why other tasks are refused
 
     def load_client(self):

@@ -42,14 +42,15 @@ def dp_plan(cfg, n_local: int) -> dict:
 
     σ is calibrated once for the owner's whole participation: ``rounds × local_steps`` steps of the
     Poisson-subsampled Gaussian at rate q = 1 / ceil(n_local / batch_size) must stay within
-    (``privacy.target_epsilon``, δ) under ``privacy.accountant``; δ defaults to 1 / (10 · n_local).
+    (``privacy.target_epsilon``, ``privacy.delta``) under ``privacy.accountant``. δ is the run's public
+    value; an owner with n_local ≥ 1/δ examples would be protected by a δ that can release a record.
     """
     p = cfg.privacy
     if n_local < 1:
         raise DPRefused("no local training examples: a data owner needs data to train under DP-SGD")
     batches_per_epoch = math.ceil(n_local / cfg.train.batch_size)
     q = 1.0 / batches_per_epoch
-    delta = p.delta if p.delta > 0 else 1.0 / (10 * n_local)
+    delta = p.delta
     if delta >= 1.0 / n_local:
         raise DPRefused(
             f"privacy.delta={delta:g} is not below 1/n_local = {1 / n_local:g}: such a δ allows releasing a record; lower it"
@@ -65,32 +66,44 @@ def dp_plan(cfg, n_local: int) -> dict:
             "expected_batch_size": n_local * q}
 
 
-def charge_dp_round(cfg, n_local: int, ledger_dir: Path | None, owner: str, round_no: int) -> tuple[dict, dict]:
-    """(DP plan, ledger entry): this round's DP-SGD steps charged to the owner's ledger, before any training."""
+def charge_dp_round(cfg, n_local: int, ledger_dir: Path | None, owner: str, round_no: int, *,
+                    owner_budget: tuple[float, float] | None = None) -> tuple[dict, dict]:
+    """(DP plan, ledger entry): this round's DP-SGD steps charged to the owner's ledger, before any training.
+
+    ``owner_budget``: the data owner's own lifetime (ε, δ) for its ledger, composed over every run and round
+    on that data; the run config may ask for less, never more. None (a simulated owner): the run's budget.
+    """
     p = cfg.privacy
     plan = dp_plan(cfg, n_local)
     if ledger_dir is None:
         raise DPRefused("no privacy ledger directory: set the node config ledger-dir so ε can be charged")
+    eps_budget, delta_budget = owner_budget if owner_budget is not None else (p.target_epsilon, plan["delta"])
+    if plan["delta"] > delta_budget:
+        raise DPRefused(f"the run asks privacy.delta={plan['delta']:g}, above this data owner's δ budget {delta_budget:g}: "
+                        "the coordinator must lower privacy.delta")
+    if p.target_epsilon > eps_budget:
+        raise DPRefused(f"the run asks privacy.target_epsilon={p.target_epsilon:g}, above this data owner's ε budget "
+                        f"{eps_budget:g}: the coordinator must lower it")
     event = SubsampledGaussian(plan["noise_multiplier"], plan["sample_rate"], cfg.train.local_steps)
     try:
-        ledger = PrivacyLedger.open(ledger_dir, owner, epsilon_budget=p.target_epsilon, delta=plan["delta"],
+        ledger = PrivacyLedger.open(ledger_dir, owner, epsilon_budget=eps_budget, delta=delta_budget,
                                     accountant=p.accountant)
         # charge first: a crash anywhere after this line leaves the charge in place (never optimistic)
         entry = ledger.charge(round=round_no, mechanism="dp-sgd", gaussian=[event],
-                              note={"max_grad_norm": p.max_grad_norm, "n_local": n_local, "batch_size": cfg.train.batch_size})
+                              note={"run": cfg.name, "max_grad_norm": p.max_grad_norm, "n_local": n_local,
+                                    "batch_size": cfg.train.batch_size, "run_target_epsilon": p.target_epsilon})
     except (BudgetExceeded, LedgerError) as e:
         raise DPRefused(str(e)) from None
     return plan, entry
 
 
 def dp_round_metrics(cfg, plan: dict, entry: dict) -> dict[str, float]:
+    """The ε/δ figures a DP node reports (σ and q stay home: q = 1/ceil(n/B) would tell the coordinator n)."""
     return {
         "dp_epsilon_round": entry["epsilon_round"],
         "dp_epsilon_total": entry["epsilon_total"],
         "dp_epsilon_cross_check": entry["epsilon_cross_check"],
         "dp_delta": plan["delta"],
-        "dp_noise_multiplier": plan["noise_multiplier"],
-        "dp_sample_rate": plan["sample_rate"],
         "dp_epsilon_budget": cfg.privacy.target_epsilon,
     }
 

@@ -12,12 +12,16 @@ Stable API (the DP-SGD trainer, client-level DP at the coordinator, and DP-OPT b
     entry = ledger.charge(round=1, mechanism="limited-domain", approx=[(0.5, 1e-7)])  # a pure/approx-DP release
     ledger.spent()      # (ε, δ) of everything charged so far
     ledger.remaining()  # ε left under the budget
+    ledger.remaining_delta()  # δ the approx releases may still use
     ledger.entries      # list of dicts, oldest first (see _entry below for the fields)
 
 Composition: all ``SubsampledGaussian`` events ever charged are composed by the ledger's accountant at
 δ_g = δ_budget − Σδ_approx; ``approx`` releases (ε_i, δ_i) add by basic composition. The reported total
 is ε_accountant(δ_g) + Σε_i at δ_budget. Every entry also records the total under the independent
 accountant (``CROSS_CHECK``); if that is more than 1 % above the primary value, the larger is charged.
+Both budgets are enforced: a charge is refused (BudgetExceeded) when the ε total would pass the ε budget,
+when Σδ_i would pass the δ budget, or when Gaussian events are left no δ_g > 0. An approx release of
+(0, 0) is refused: anything computed from the data costs something.
 
 Durability: the file (``<ledger_dir>/<owner>.ledger.json``) is rewritten whole through a temp file,
 fsync and rename under an exclusive lock, so a crash at any moment leaves the old or the new ledger,
@@ -154,6 +158,11 @@ class PrivacyLedger:
     def remaining(self) -> float:
         return max(0.0, self.budget[0] - self.spent()[0])
 
+    def remaining_delta(self) -> float:
+        """δ_budget − Σδ_i of the approx releases (with Gaussian events some of it must stay for δ_g)."""
+        _, approx = self._events(self._data["entries"])
+        return max(0.0, self.budget[1] - sum(a[1] for a in approx))
+
     # ------------------------------------------------------------------ composing
     def _events(self, entries) -> tuple[list[SubsampledGaussian], list[tuple[float, float]]]:
         gauss = [SubsampledGaussian(**g) for e in entries for g in e.get("gaussian", [])]
@@ -193,6 +202,9 @@ class PrivacyLedger:
         for eps_i, delta_i in approx:
             if eps_i < 0 or not 0 <= delta_i < 1:
                 raise AccountantError(f"approx-DP release ({eps_i}, {delta_i}) is not a valid (ε, δ) pair")
+            if eps_i == 0 and delta_i == 0:
+                raise AccountantError("approx-DP release charged (0, 0): a release computed from the data costs "
+                                      "something; charge its (ε, δ), with a positive floor when an accountant says 0")
         with file_lock(self.path.with_name(self.path.name + ".lock")):
             # re-read under the lock: another process (a retried round) may have charged meanwhile
             current = self.load(self.path) if self.path.is_file() else self
@@ -201,6 +213,14 @@ class PrivacyLedger:
             before = self.spent()[0]
             totals = self._totals(g + list(gaussian), a + [tuple(x) for x in approx])
             eps_budget, delta = self.budget
+            delta_a = sum(x[1] for x in a) + sum(float(x[1]) for x in approx)
+            if delta_a > delta * (1 + 1e-9) or (delta_a >= delta and (g or gaussian)):
+                raise BudgetExceeded(
+                    f"{self.owner}: round {round} would spend δ={delta_a:.4g} in approx-DP releases, "
+                    + ("over the δ budget" if delta_a > delta * (1 + 1e-9) else "leaving no δ for the Gaussian events of")
+                    + f" δ={delta:g} (ε spent {before:.4g} of {eps_budget:g}); not releasing — lower the release's δ, "
+                    "raise the δ budget for a new ledger or stop this data owner"
+                )
             if totals["epsilon_total"] > eps_budget:
                 raise BudgetExceeded(
                     f"{self.owner}: round {round} would spend ε={totals['epsilon_total']:.4g} in total, over the budget "

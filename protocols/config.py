@@ -106,7 +106,9 @@ class MergeConfig(_Section):
 class PrivacyConfig(_Section):
     mode: Literal["none", "dp-sgd"] = "none"
     target_epsilon: float = Field(8.0, gt=0)
-    delta: float = Field(0.0, ge=0, lt=1)  # 0 = 1 / (10 * n_local), below 1/n as DP requires
+    # a public δ (one that depended on n_local, as 1/(10 n) did, would tell the coordinator n); a data owner
+    # holding fewer than 1/δ examples refuses to train rather than accept a δ that allows releasing a record
+    delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     accountant: Literal["rdp", "prv", "pld"] = "rdp"
     grad_sample_mode: Literal["hooks", "ghost", "functorch"] = "hooks"  # Opacus per-sample gradients
@@ -114,7 +116,7 @@ class PrivacyConfig(_Section):
     client_noise_multiplier: float = Field(1.0, ge=0)  # z; ignored when client_target_epsilon > 0
     client_clip_norm: float = Field(1.0, gt=0)  # C: L2 bound on one data owner's whole update
     client_target_epsilon: float = Field(0.0, ge=0)  # > 0: calibrate z for this client-level ε over all rounds
-    client_delta: float = Field(0.0, ge=0, lt=1)  # 0 = 1 / (10 * number of data owners)
+    client_delta: float = Field(1e-5, gt=0, lt=1)  # must be well below 1 / number of data owners
 
 
 class _RunConfigCore(_Section):

@@ -5,6 +5,6 @@ from .config import DPOPTConfig
 
 SPEC = MethodSpec(
     name="dpopt", client="methods.dpopt.client:train", server="methods.dpopt.server:DpoptServer",
-    section=DPOPTConfig, tasks=("classify",), tensors=False,
+    section=DPOPTConfig, tasks=("classify",), tensors=False, always_private=True,
     why_not="its released prompts are scored by the label words (a verbalizer)",
 )

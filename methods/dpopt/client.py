@@ -14,12 +14,21 @@ prompts are generated on disjoint data (parallel composition), and the data owne
 composition of ``max_new_tokens`` token choices (``privacy.mechanisms.limited_domain``). Private
 selection runs on the disjoint validation bucket (its own ε, parallel again), so the total is the
 larger of the two. The ε is charged to the data owner's ledger before any text is returned.
+
+Every member of every prompt votes, with or without demonstrations (an empty slot reads the public
+meta-prompt alone), so a prompt is never skipped for lack of data: skipping would release "" with
+certainty on one dataset and generated text on its neighbour, at no charge. Every release is charged a
+positive (ε, δ) (``TokenAccountant``'s floor). The noise comes from OS entropy (``generator=None``); the
+run seed only keys the public slot assignment. Only the prompts and their ε/δ leave the node: the merge
+weight is the constant 1 and the statistics (token choices, failures, timings) stay in the local log and
+the ledger note.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -33,6 +42,8 @@ from privacy.mechanisms.exponential import exponential_over_domain, exponential_
 from privacy.mechanisms.limited_domain import TokenAccountant, limited_domain_top1, vote_histogram
 
 from ..base import TrainContext, TrainerRefused, TrainResult
+
+log = logging.getLogger("fedadapt.client")
 
 META_HEAD = (
     "I gave a friend an instruction and some inputs. The friend read the instruction and wrote an output "
@@ -51,7 +62,7 @@ class GeneratedPrompts:
     token_choices: int  # private token choices made (limited-domain + exponential fallbacks)
     failures: int  # limited-domain calls that returned "no token"
     budget_stopped: bool  # generation stopped because one more choice would exceed the budget
-    members: list[int] = field(default_factory=list)  # ensemble members with demonstrations, per prompt
+    members: list[int] = field(default_factory=list)  # members with demonstrations, per prompt (local only)
     seconds: float = 0.0
     forwards: int = 0
 
@@ -100,6 +111,7 @@ def generate_prompts(model, tok, examples: list[Example], labels: list[str], dp_
     """DP-OPT generation on one data owner's ``examples``. Returns the prompts and the validation bucket.
 
     ``progress(n)`` is called once per token step (``num_prompts * max_new_tokens`` in all, at most).
+    ``generator``: None (OS entropy) for every private run; a seeded one only in tests and benchmarks.
     """
     t0 = time.perf_counter()
     P, E = dp_cfg.num_prompts, dp_cfg.ensemble_size
@@ -114,13 +126,9 @@ def generate_prompts(model, tok, examples: list[Example], labels: list[str], dp_
     for p in range(P):
         acc_p = TokenAccountant(acct.step_epsilon, acct.delta0, acct.target_epsilon, acct.target_delta)
         per_prompt.append(acc_p)
-        demo_sets = [s for s in slots[p * E:(p + 1) * E] if s]
-        members.append(len(demo_sets))
-        if not demo_sets:
-            prompts.append("")
-            if progress:
-                progress(dp_cfg.max_new_tokens)
-            continue
+        # every member votes, an empty slot included (one record changes one vote; see the module notes)
+        demo_sets = slots[p * E:(p + 1) * E]
+        members.append(sum(1 for d in demo_sets if d))
         texts = [meta_prompt(d, labels, dp_cfg.max_demo_chars) for d in demo_sets]
         rows = [tok(t)["input_ids"] for t in texts]
         width = max(len(r) for r in rows)
@@ -194,8 +202,8 @@ def clean_instruction(text: str) -> str:
     return text[0].upper() + text[1:]
 
 
-def private_select(correct: list[int], epsilon: float, generator: torch.Generator | None) -> int:
-    """Exponential mechanism over validation accuracies (monotone counts, sensitivity 1): ε-DP."""
+def private_select(correct: list[int], epsilon: float, generator: torch.Generator | None = None) -> int:
+    """Exponential mechanism over validation accuracies (monotone counts, sensitivity 1): ε-DP, OS noise."""
     return exponential_top1(torch.tensor(correct, dtype=torch.float64), epsilon, generator)
 
 
@@ -219,12 +227,39 @@ def _open_ledger(ctx: TrainContext):
     if ctx.ledger_dir is None:
         raise TrainerRefused("DP-OPT needs a privacy ledger directory on the data owner (node config ledger-dir)")
     dp = ctx.cfg.dpopt
+    # a deployed owner's own lifetime budget (client join --epsilon-budget); a simulated one: the run's
+    owner_budget = getattr(ctx, "owner_budget", None)
+    eps_budget, delta_budget = owner_budget if owner_budget is not None else (dp.epsilon, dp.delta)
+    if dp.epsilon > eps_budget or dp.delta > delta_budget:
+        raise TrainerRefused(
+            f"{ctx.client_name}: the run asks dpopt.epsilon={dp.epsilon:g}, delta={dp.delta:g}, above this data "
+            f"owner's budget (ε={eps_budget:g}, δ={delta_budget:g}): the coordinator must lower them"
+        )
     try:
-        # the data owner's budget for the whole run is dpopt.epsilon; each round spends what it uses
-        return PrivacyLedger.open(ctx.ledger_dir, ctx.client_name, epsilon_budget=dp.epsilon, delta=dp.delta,
+        return PrivacyLedger.open(ctx.ledger_dir, ctx.client_name, epsilon_budget=eps_budget, delta=delta_budget,
                                   accountant=ctx.cfg.privacy.accountant)
     except LedgerError as e:
         raise TrainerRefused(str(e)) from None
+
+
+def round_budget(ctx: TrainContext, ledger) -> tuple[float, float]:
+    """(ε, δ) this round may spend: what is left of the run's (dpopt.epsilon, dpopt.delta) and of the ledger.
+
+    ε: all that is left (generation is calibrated to it). δ: the rest split evenly over the run's remaining
+    rounds (a public schedule), and at most half the ledger's rest when Gaussian events (DP-SGD) need δ_g > 0.
+    """
+    dp = ctx.cfg.dpopt
+    mine = [e for e in ledger.entries if e["mechanism"].startswith("dpopt/")
+            and e.get("note", {}).get("run", ctx.cfg.name) == ctx.cfg.name]
+    run_eps = sum(e["epsilon_round"] for e in mine)
+    run_delta = sum(a[1] for e in mine for a in e.get("approx", []))
+    ledger_delta = ledger.remaining_delta()
+    if any(e.get("gaussian") for e in ledger.entries):
+        ledger_delta /= 2
+    rounds_left = max(1, ctx.cfg.rounds - ctx.round + 1)
+    eps = min(dp.epsilon - run_eps, ledger.remaining())
+    delta = min(dp.delta - run_delta, ledger_delta) / rounds_left
+    return max(eps, 0.0), max(delta, 0.0)
 
 
 def train(ctx: TrainContext) -> TrainResult:
@@ -232,57 +267,61 @@ def train(ctx: TrainContext) -> TrainResult:
 
     cfg, dp = ctx.cfg, ctx.cfg.dpopt
     ledger = _open_ledger(ctx)
-    remaining = ledger.remaining()
-    if remaining <= 1e-9:
-        spent = ledger.spent()[0]
+    eps_left, delta_left = round_budget(ctx, ledger)
+    if eps_left <= 1e-9 or delta_left <= 0:
+        spent_eps, spent_delta = ledger.spent()
         raise TrainerRefused(
-            f"{ctx.client_name} has spent its DP-OPT budget (ε={spent:.4g} of {dp.epsilon:g}): no more prompts; "
-            "raise dpopt.epsilon with a new ledger directory or stop this data owner"
+            f"{ctx.client_name} has spent its DP-OPT budget (ε={spent_eps:.4g}, δ={spent_delta:.3g} of "
+            f"ε={dp.epsilon:g}, δ={dp.delta:g}): no more prompts; raise dpopt.epsilon/delta with a new ledger "
+            "directory or stop this data owner"
         )
-    # this round may spend at most what is left of the owner's budget
-    round_dp = dp.model_copy(update={"epsilon": min(dp.epsilon, remaining)})
+    round_dp = dp.model_copy(update={"epsilon": min(dp.epsilon, eps_left), "delta": min(dp.delta, delta_left)})
     model, tok = _model(cfg.model, cfg.seed)
+    # the run seed keys only the public slot assignment; every noise draw comes from OS entropy
     seed_text = f"{cfg.seed}/{ctx.round}/{ctx.client_name}"
-    gen = torch.Generator().manual_seed(int(hashlib.sha256(seed_text.encode()).hexdigest()[:15], 16))
     bar, advance = step_bar(dp.num_prompts * dp.max_new_tokens, f"DP-OPT {ctx.client_name}: tokens")
     try:
         with bar:
             result, validation = generate_prompts(model, tok, ctx.examples, ctx.labels, round_dp, seed_text=seed_text,
-                                                  progress=advance, generator=gen)
+                                                  progress=advance)
     except ValueError as e:  # e.g. a remaining budget too small for even one token choice
         raise TrainerRefused(f"{ctx.client_name}: {e}") from None
+    if result.token_choices == 0:  # data-independent: the first choice never fitted
+        raise TrainerRefused(f"{ctx.client_name}: not one private token choice fits the round's budget "
+                             f"(ε={round_dp.epsilon:.4g}, δ={round_dp.delta:.3g}); raise dpopt.epsilon")
     released = list(result.prompts)
     epsilon, delta = result.epsilon, result.delta
-    note: dict = {"selection": dp.selection, "prompts": len(released), "token_choices": result.token_choices,
-                  "step_epsilon": result.step_epsilon, "ld_failures": result.failures,
-                  "budget_stopped": result.budget_stopped}
+    note: dict = {"run": cfg.name, "selection": dp.selection, "prompts": len(released),
+                  "token_choices": result.token_choices, "step_epsilon": result.step_epsilon,
+                  "ld_failures": result.failures, "budget_stopped": result.budget_stopped,
+                  "members_with_demos": result.members, "round_epsilon": round_dp.epsilon,
+                  "round_delta": round_dp.delta}
     if dp.selection == "private":
-        if not validation:
-            raise TrainerRefused(
-                f"{ctx.client_name} has no local validation rows for private selection: raise "
-                "dpopt.validation_fraction or use dpopt.selection = \"public\""
-            )
-        correct = score_prompts(model, tok, released, validation, ctx.labels, cfg.data,
-                                batch_size=cfg.train.eval_batch_size)
-        pick = private_select(correct, round_dp.epsilon, gen)
+        if validation:
+            correct = score_prompts(model, tok, released, validation, ctx.labels, cfg.data,
+                                    batch_size=cfg.train.eval_batch_size)
+        else:  # all scores 0: a uniform, still private, pick (a refusal would tell the coordinator n is small)
+            log.warning("%s round %d: no local validation rows for private selection (kept on this node); "
+                        "raise dpopt.validation_fraction", ctx.client_name, ctx.round)
+            correct = [0] * len(released)
+        pick = private_select(correct, round_dp.epsilon)
         released = [released[pick]]
         # validation rows are disjoint from every demonstration: parallel composition, the max counts
         epsilon = max(epsilon, round_dp.epsilon)
         note.update(validation_rows=len(validation), selection_epsilon=round_dp.epsilon)
-    if epsilon > 0:
-        try:  # charged and on disk BEFORE the text is returned
-            ledger.charge(round=ctx.round, mechanism=f"dpopt/{dp.mechanism}", approx=[(epsilon, delta)], note=note)
-        except BudgetExceeded as e:
-            raise TrainerRefused(str(e)) from None
+    try:  # every release is charged, and on disk BEFORE the text is returned
+        entry = ledger.charge(round=ctx.round, mechanism=f"dpopt/{dp.mechanism}", approx=[(epsilon, delta)],
+                              note=note)
+    except BudgetExceeded as e:
+        raise TrainerRefused(str(e)) from None
+    log.info("%s round %d DP-OPT (kept on this node): %s", ctx.client_name, ctx.round,
+             {**note, "forwards": result.forwards, "generate_seconds": round(result.seconds, 2),
+              "epsilon_total": entry["epsilon_total"]})
+    # only the text and its ε/δ leave; the merge weight is a public constant, never the local count
     return TrainResult(
         update={},
-        num_examples=len(ctx.examples),
-        metrics={
-            "epsilon": float(epsilon), "delta": float(delta), "step_epsilon": float(result.step_epsilon),
-            "token_choices": float(result.token_choices), "ld_failures": float(result.failures),
-            "budget_stopped": float(result.budget_stopped), "generate_seconds": result.seconds,
-            "forwards": float(result.forwards), "ensemble_members": float(sum(result.members) / max(len(result.members), 1)),
-        },
+        num_examples=1,
+        metrics={"epsilon": float(epsilon), "delta": float(delta)},
         extra={"prompts_json": json.dumps(released), "epsilon": float(epsilon), "delta": float(delta),
                "selection": dp.selection},
     )

@@ -3,6 +3,11 @@
 ``exponential_top1(scores, epsilon)`` returns ``argmax_i(scores_i + Gumbel(scale=1/epsilon))``, which
 samples ``i`` with probability proportional to ``exp(epsilon * scores_i)``.
 
+Randomness: with ``generator=None`` (what DP-OPT passes) every uniform comes from the OS's CSPRNG
+(``os.urandom``), so the noise is secret and differs between two runs of one config: a guarantee resting
+on noise that the public run seed reproduces would be void. A ``torch.Generator`` is accepted for tests
+and benchmarks that need reproducible draws; no private release may pass one.
+
 Privacy (what a caller must guarantee about ``scores``):
 * **Sensitivity**: adding or removing one person's record changes every score by at most 1
   (l-infinity sensitivity 1). In DP-OPT a record sits in exactly one ensemble member's demonstrations,
@@ -22,6 +27,8 @@ divergence over ``t`` numerically and also cap by the closed-form ``alpha * eta*
 from __future__ import annotations
 
 import math
+import os
+import secrets
 
 import numpy as np
 import torch
@@ -34,9 +41,24 @@ RDP_ORDERS: tuple[float, ...] = tuple(
 )
 
 
-def gumbel(shape, scale: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Gumbel(0, scale) noise in float64 from a seeded generator (inverse-CDF of a uniform draw)."""
-    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+def secure_uniform(shape) -> torch.Tensor:
+    """Uniforms in (0, 1), float64, from ``os.urandom``: 53 random bits each, never 0 or 1."""
+    shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (int(shape),)
+    n = math.prod(shape)
+    bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+    return torch.from_numpy((bits.astype(np.float64) + 0.5) * 2.0**-53).reshape(shape)
+
+
+def secure_randbelow(n: int, generator: torch.Generator | None = None) -> int:
+    """A uniform integer in ``range(n)``: OS entropy unless a test passes a generator."""
+    if generator is None:
+        return secrets.randbelow(n)
+    return int(torch.randint(n, (1,), generator=generator))
+
+
+def gumbel(shape, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gumbel(0, scale) noise in float64 (inverse CDF of a uniform): OS entropy unless a test passes a generator."""
+    u = secure_uniform(shape) if generator is None else torch.rand(shape, generator=generator, dtype=torch.float64)
     u = u.clamp(min=1e-300, max=1.0 - 1e-16)
     return -scale * torch.log(-torch.log(u))
 

@@ -7,9 +7,12 @@ uniformly (example-count weights would let one owner's influence exceed C). One 
 application of the Gaussian mechanism with sensitivity C on a sample of the population at rate
 q = m / population, so the coordinator ledger charges ``SubsampledGaussian(z, q, 1)`` per round.
 
-Honest caveats (also in docs/privacy.md): the coordinator samples a fixed number of clients without
-replacement, while the accountants assume Poisson sampling at the same rate (the usual practice, an
-approximation); and the guarantee assumes an honest coordinator, which sees the unnoised updates.
+Sampling is what the accountant assumes: with client-level DP on, the coordinator draws each round's owners
+by Poisson sampling at rate q = clients_per_round / population from OS entropy (``secrets``), so the
+sample is secret and its size varies (it may be empty: the round still releases the noise). The sum is
+divided by the expected sample size q·N, a public number, never by the realized count. Caveats (also in
+docs/privacy.md): the guarantee assumes an honest coordinator, which sees the unnoised updates; and with
+few data owners ε is large (a warning says so when it passes ``MEANINGFUL_EPSILON``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from privacy.accountants import SubsampledGaussian, get_accountant
 from privacy.ledger import PrivacyLedger
 
 COORDINATOR_OWNER = "coordinator"
+MEANINGFUL_EPSILON = 10.0  # above this, a client-level "guarantee" protects little: said in the log and ledger
 
 
 def update_norm(delta: dict[str, torch.Tensor]) -> float:
@@ -39,14 +43,17 @@ def clip_update(delta: dict[str, torch.Tensor], clip_norm: float) -> tuple[dict[
 
 
 def gaussian_noised_mean(deltas: Sequence[dict[str, torch.Tensor]], *, clip_norm: float, noise_multiplier: float,
-                         denominator: int, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """(Σ clip(Δ_i) + N(0, (z·C)²)) / denominator, and the pre-clip norms."""
-    if not deltas:
-        raise ValueError("client-level DP needs at least one update")
-    if denominator < 1:
-        raise ValueError("denominator must be >= 1")
+                         denominator: float, generator: torch.Generator,
+                         template: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """(Σ clip(Δ_i) + N(0, (z·C)²)) / denominator, and the pre-clip norms. With no updates (an empty
+    Poisson sample) the noise alone, shaped like ``template``."""
+    if not deltas and template is None:
+        raise ValueError("client-level DP needs an update or a template for the noise's shapes")
+    if denominator <= 0:
+        raise ValueError("denominator must be > 0")
     norms = []
-    total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in deltas[0].items()}
+    shapes = deltas[0] if deltas else template
+    total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in shapes.items()}
     for d in deltas:
         clipped, n = clip_update(d, clip_norm)
         norms.append(n)
@@ -69,9 +76,21 @@ class ClientLevelDP:
         self.noise_multiplier = privacy_cfg.client_noise_multiplier
         self.last_charge: dict | None = None
 
+    @staticmethod
+    def sample_rate(per_round: int, population: int) -> float:
+        """q for Poisson sampling: clients_per_round / population (1 when every owner takes part)."""
+        if per_round <= 0 or per_round >= population:
+            return 1.0
+        return per_round / population
+
     def _open(self, sample_rate: float, population: int) -> PrivacyLedger:
         p = self.cfg
-        delta = p.client_delta if p.client_delta > 0 else 1.0 / (10 * max(population, 1))
+        delta = p.client_delta
+        if delta > 1.0 / (10 * max(population, 1)):
+            raise ValueError(
+                f"privacy.client_delta={delta:g} is not well below 1/{population} data owners (at most "
+                f"{1 / (10 * max(population, 1)):g}): such a δ may release one owner's update outright; lower it"
+            )
         acc = get_accountant(p.accountant)
         if p.client_target_epsilon > 0:
             self.noise_multiplier = acc.noise_multiplier(p.client_target_epsilon, delta, sample_rate, self.rounds)
@@ -84,9 +103,14 @@ class ClientLevelDP:
         return PrivacyLedger.open(self.ledger_dir, COORDINATOR_OWNER, epsilon_budget=budget, delta=delta,
                                   accountant=p.accountant)
 
-    def merger_for_round(self, round_no: int, sampled: int, population: int):
-        """A merger that charges the coordinator ledger (BudgetExceeded if over) before it releases anything."""
-        q = min(1.0, sampled / max(population, 1))
+    def merger_for_round(self, round_no: int, population: int, per_round: int = 0,
+                         template: dict[str, torch.Tensor] | None = None):
+        """A merger that charges the coordinator ledger (BudgetExceeded if over) before it releases anything.
+
+        The round's owners were Poisson-sampled at q = ``sample_rate(per_round, population)``; the merged
+        update is divided by q·population whatever number of updates arrived.
+        """
+        q = self.sample_rate(per_round, population)
         if self.ledger is None:
             self.ledger = self._open(q, population)
 
@@ -94,13 +118,18 @@ class ClientLevelDP:
             self.last_charge = self.ledger.charge(
                 round=round_no, mechanism="client-level-gaussian",
                 gaussian=[SubsampledGaussian(self.noise_multiplier, q, 1)],
-                note={"clip_norm": self.cfg.client_clip_norm, "sampled": sampled, "population": population,
-                      "received": len(updates)},
+                note={"clip_norm": self.cfg.client_clip_norm, "sample_rate": q, "population": population,
+                      "sampling": "poisson (OS entropy)"},
             )
             merged, norms = gaussian_noised_mean([u.delta for u in updates], clip_norm=self.cfg.client_clip_norm,
-                                                 noise_multiplier=self.noise_multiplier, denominator=sampled,
-                                                 generator=self.generator)
+                                                 noise_multiplier=self.noise_multiplier, denominator=q * population,
+                                                 generator=self.generator, template=template)
             self.last_charge["update_norms"] = norms
+            if self.last_charge["epsilon_total"] > MEANINGFUL_EPSILON:
+                self.last_charge["warning"] = (
+                    f"client-level ε = {self.last_charge['epsilon_total']:.3g} with {population} data owners: too few "
+                    "owners (or too little noise) for a meaningful client-level guarantee"
+                )
             return merged
 
         return merge

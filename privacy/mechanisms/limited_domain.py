@@ -22,6 +22,12 @@ Privacy of one call: the output distribution on a neighbouring histogram is with
 threshold; Durfee & Rogers Lemma 5.x; DP-OPT, Hong et al. ICLR 2024, Theorem 1). ``n`` calls thus
 compose as ``n`` times the BR Renyi curve plus ``n * delta0`` added to the final delta; the curve is
 converted to (epsilon, delta) by ``dp_accounting``'s RDP conversion (Balle et al. 2020's bound).
+
+Never charged at zero: for a tiny curve (below delta**2 at some order) that conversion returns epsilon = 0
+(a KL shortcut, valid but indistinguishable in a ledger from "nothing released"), so a release of ``n``
+choices is then charged basic composition, ``n * 2 * epsilon`` at ``n * delta0``, and never less than one
+choice's ``2 * epsilon``; its delta is always the target delta (>= ``n * delta0``). The noise comes from
+the OS (see ``exponential``): a generator is for tests only.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .exponential import RDP_ORDERS, bounded_range_rdp, exponential_over_domain, gumbel
+from .exponential import RDP_ORDERS, bounded_range_rdp, exponential_over_domain, gumbel, secure_randbelow
 
 L0_SENSITIVITY = 2  # one member changes its vote: one count down, one count up
 
@@ -49,7 +55,7 @@ def limited_domain_top1(tokens: torch.Tensor, counts: torch.Tensor, *, epsilon: 
     """One token id from the vote histogram, or ``None`` when the noisy threshold wins.
 
     ``tokens``/``counts`` list the voted tokens (any order); every other id in ``range(domain_size)``
-    has count 0. ``epsilon = inf`` is the non-private majority vote.
+    has count 0. ``epsilon = inf`` is the non-private majority vote. ``generator=None``: OS entropy.
     """
     if not epsilon > 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
@@ -91,7 +97,7 @@ def limited_domain_top1(tokens: torch.Tensor, counts: torch.Tensor, *, epsilon: 
 def _random_unvoted(voted: torch.Tensor, domain_size: int, generator: torch.Generator | None) -> int:
     taken = set(voted.tolist())
     while True:
-        t = int(torch.randint(domain_size, (1,), generator=generator))
+        t = secure_randbelow(domain_size, generator)
         if t not in taken:
             return t
 
@@ -116,6 +122,7 @@ class TokenAccountant:
     ``delta0``) and ``exponential_steps`` calls of the unlimited exponential mechanism (each
     ``2*step_epsilon``-BR, no delta). ``spent()`` is the (epsilon, delta) of everything so far with
     ``delta`` the target; generation asks ``allows(next_kind)`` before each call and stops otherwise.
+    Any choice at all costs a positive (epsilon, delta): see the module notes on the floor.
     """
 
     step_epsilon: float
@@ -131,12 +138,19 @@ class TokenAccountant:
             return 0.0
         if math.isinf(self.step_epsilon):
             return math.inf
-        rdp = n * bounded_range_rdp(2.0 * self.step_epsilon)
-        return _rdp_to_epsilon(rdp, self.target_delta - limited_domain_steps * self.delta0)
+        eta = 2.0 * self.step_epsilon
+        rdp = n * bounded_range_rdp(eta)
+        eps = _rdp_to_epsilon(rdp, self.target_delta - limited_domain_steps * self.delta0)
+        if not eps > 0:  # the conversion's KL shortcut: charge basic composition of the choices made
+            eps = n * eta
+        return max(eps, eta)  # never below one choice's pure epsilon
 
     def spent(self) -> tuple[float, float]:
-        eps = self.epsilon_for(self.limited_domain_steps, self.exponential_steps)
-        return eps, (self.target_delta if eps > 0 else 0.0)
+        """(epsilon, delta) of the choices so far: (0, 0) only when no choice was made."""
+        n = self.limited_domain_steps + self.exponential_steps
+        if n == 0:
+            return 0.0, 0.0
+        return self.epsilon_for(self.limited_domain_steps, self.exponential_steps), self.target_delta
 
     def allows(self, kind: str = "limited-domain") -> bool:
         ld = self.limited_domain_steps + (kind == "limited-domain")
