@@ -75,30 +75,57 @@ def check_private_key(path: str | Path) -> Path:
 # ---------------------------------------------------------------------------- join
 
 
+def detect_task(path: Path, split: str = "train") -> str:
+    """The task a data folder's format fits: labels.json -> classify; else its first line's fields."""
+    from fedadapt.data import DataError
+
+    folder = path if path.is_dir() else path.parent
+    if (folder / "labels.json").is_file():
+        return "classify"
+    f = path if path.is_file() else path / f"{split}.jsonl"
+    try:
+        with open(f, "rb") as fh:
+            first = next((line for line in fh if line.strip()), b"")
+        obj = json.loads(first.decode("utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise DataError(f"{f}: cannot read its first line as JSON: check it with `client check --data {path}`") from None
+    if isinstance(obj, dict) and ("messages" in obj or "instruction" in obj):
+        return "instruct"
+    return "lm"
+
+
 def check_data(data: str | Path, split: str = "train") -> tuple[Path, int]:
-    """The data folder (or .jsonl file), parsed once before joining: (absolute path, rows)."""
-    from fedadapt.data import load_split, read_classification_jsonl, read_labels
+    """The data folder (or .jsonl file), parsed once before joining in the format it has: (absolute path, rows)."""
+    from fedadapt.data import load_split, read_examples, read_labels
+    from fedadapt.tasks import build_task
+    from protocols.config import validate_config
 
     p = Path(data).expanduser()
     if not p.exists():
-        raise JoinError(f"data path {p} does not exist: pass --data with a folder holding {split}.jsonl and labels.json")
-    labels = read_labels(p if p.is_dir() else p.parent)
-    rows = read_classification_jsonl(p, labels) if p.is_file() else load_split(p, split, labels)
+        raise JoinError(f"data path {p} does not exist: pass --data with a folder holding {split}.jsonl (and labels.json to classify)")
+    task_name = detect_task(p, split)
+    labels = read_labels(p if p.is_dir() else p.parent, required=task_name == "classify")
+    task = build_task(validate_config({"task": task_name}), labels)
+    rows = read_examples(p, task) if p.is_file() else load_split(p, split, task)
     if not rows:
         raise JoinError(f"{p} holds no {split} examples: a node without data cannot train")
     return p.resolve(), len(rows)
 
 
-def node_config_arg(data_path: Path, name: str, fault: str = "") -> str:
-    """Flower's ``--node-config``: space-separated TOML key=value pairs (JSON string literals are valid TOML)."""
+def node_config_arg(data_path: Path, name: str, fault: str = "", privacy: dict | None = None) -> str:
+    """Flower's ``--node-config``: space-separated TOML key=value pairs (JSON string literals are valid TOML).
+
+    ``privacy``: the data owner's own ``ledger-dir``, ``epsilon-budget`` and ``delta-budget``."""
     arg = f"data-path={json.dumps(str(data_path))} name={json.dumps(name)}"
+    for key, value in (privacy or {}).items():
+        arg += f" {key}={json.dumps(value)}"
     return arg + (f" fault={json.dumps(fault)}" if fault else "")
 
 
 def supernode_argv(coordinator: str, data_path: Path, name: str, port: int, *, insecure: bool,
-                   root_cert: Path | None, key: Path | None, fault: str = "") -> list[str]:
+                   root_cert: Path | None, key: Path | None, fault: str = "", privacy: dict | None = None) -> list[str]:
     argv = [executable("flower-supernode"), "--superlink", coordinator, "--port", str(port),
-            "--node-config", node_config_arg(data_path, name, fault)]
+            "--node-config", node_config_arg(data_path, name, fault, privacy)]
     if insecure:
         argv.append("--insecure")
     else:
@@ -118,7 +145,8 @@ def _check_address(coordinator: str) -> str:
 
 def join(data: str, coordinator: str, *, name: str = "", insecure: bool = False, root_cert: str = "",
          key: str = "", port: int = 0, fault: str = "", restart_delay_s: float = 3.0, max_restarts: int = 100,
-         refusal_grace_s: float = 60.0, echo=None) -> int:
+         refusal_grace_s: float = 60.0, echo=None, epsilon_budget: float = 8.0, delta_budget: float = 1e-5,
+         ledger: str = "") -> int:
     """Run this data owner's SuperNode until Ctrl-C; returns the exit code for the CLI."""
     from .faults import FAULTS
 
@@ -145,10 +173,16 @@ def join(data: str, coordinator: str, *, name: str = "", insecure: bool = False,
         key_path = check_private_key(key) if key else None
         if key_path is None:
             err.print("[yellow]note:[/] no --key: a coordinator with node authentication will refuse this node")
+    if not (epsilon_budget > 0 and epsilon_budget != float("inf")) or not 0 < delta_budget < 1:
+        raise JoinError(f"--epsilon-budget {epsilon_budget} / --delta-budget {delta_budget}: need a finite ε > 0 and 0 < δ < 1")
+    # the owner's ledger: its own folder, composed over every run on this data; the coordinator cannot move it
+    ledger_dir = Path(ledger).expanduser().resolve() if ledger else home() / "ledgers"
+    privacy = {"ledger-dir": str(ledger_dir), "epsilon-budget": float(epsilon_budget), "delta-budget": float(delta_budget)}
     node_home = home() / "nodes" / name
     env = child_env({"FLWR_HOME": str(node_home / "flwr-home"),
                      "FEDADAPT_HOME": os.environ.get("FEDADAPT_HOME", str(home()))})
     echo(f"data owner {name}: {rows} examples in {data_path} stay on this machine; joining {coordinator}")
+    echo(f"privacy budget of this data (all runs together): ε ≤ {epsilon_budget:g}, δ ≤ {delta_budget:g}; ledger in {ledger_dir}")
     if fault:
         err.print(f"[bold yellow]fault drill:[/] this node will send a {fault} every round; the coordinator should refuse it")
     restarts = 0
@@ -164,7 +198,7 @@ def join(data: str, coordinator: str, *, name: str = "", insecure: bool = False,
     while True:
         runtime_port = port or free_port()
         child = Child("flower-supernode", supernode_argv(coordinator, data_path, name, runtime_port, insecure=insecure,
-                                                         root_cert=cert, key=key_path, fault=fault),
+                                                         root_cert=cert, key=key_path, fault=fault, privacy=privacy),
                       node_home / "supernode.log", env=env, on_line=on_line)
         try:
             rc = child.wait()
@@ -213,7 +247,8 @@ def cmd_join(args) -> int:
     old = interrupt_on_termination()
     try:
         return join(args.data, args.coordinator, name=args.name, insecure=args.insecure, root_cert=args.root_cert,
-                    key=args.key, port=args.port, fault=args.fault, refusal_grace_s=args.refused_after)
+                    key=args.key, port=args.port, fault=args.fault, refusal_grace_s=args.refused_after,
+                    epsilon_budget=args.epsilon_budget, delta_budget=args.delta_budget, ledger=args.ledger)
     except (JoinError, ProcessError) as e:
         err.print(f"[bold red]error:[/] {e}")
         return 2
@@ -229,7 +264,7 @@ def register_join(sub) -> None:
     k.set_defaults(func=cmd_keys)
 
     j = sub.add_parser("join", help="join a federation as a data owner (runs a Flower SuperNode)")
-    j.add_argument("--data", required=True, help="folder with train.jsonl and labels.json (never leaves this machine)")
+    j.add_argument("--data", required=True, help="folder with train.jsonl (+ labels.json to classify), or a .jsonl file; never leaves this machine")
     j.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink address")
     j.add_argument("--root-cert", default="", help="the coordinator's ca.crt (TLS)")
     j.add_argument("--key", default="", help="this node's private key from `client keys` (node authentication)")
@@ -239,4 +274,8 @@ def register_join(sub) -> None:
     j.add_argument("--refused-after", type=float, default=60.0, metavar="SECONDS",
                    help="give up once the coordinator has refused this node this long (default 60)")
     j.add_argument("--fault", default="", help="fault drill: corrupt-update or truncated-update (the coordinator must refuse it)")
+    j.add_argument("--epsilon-budget", type=float, default=8.0,
+                   help="this data's lifetime ε under DP, over every run and round (default 8); runs may ask less, never more")
+    j.add_argument("--delta-budget", type=float, default=1e-5, help="this data's lifetime δ (default 1e-5)")
+    j.add_argument("--ledger", default="", help="folder of this data owner's privacy ledger (default: $FEDADAPT_HOME/ledgers)")
     j.set_defaults(func=cmd_join)

@@ -130,6 +130,49 @@ def test_ledger_approx_dp_releases_compose_basically(tmp_path):
         lg.charge(round=3, mechanism="limited-domain", approx=[(0.9, 0.0)])
 
 
+def test_ledger_enforces_the_delta_budget(tmp_path):
+    """Σδ of approx releases past the δ budget is refused naming δ (the review's 2e-5 against 1e-5)."""
+    lg = _ledger(tmp_path, budget=10.0)
+    lg.charge(round=1, mechanism="dpopt/limited-domain", approx=[(0.5, 1e-5)])
+    assert lg.remaining_delta() == 0.0
+    before = lg.path.read_bytes()
+    with pytest.raises(BudgetExceeded, match=r"δ=2e-05 .*over the δ budget"):
+        lg.charge(round=2, mechanism="dpopt/limited-domain", approx=[(0.5, 1e-5)])
+    assert lg.path.read_bytes() == before and lg.spent() == (0.5, 1e-5)
+    # Gaussian events need δ_g = δ − Σδ_approx > 0: none is left here
+    with pytest.raises(BudgetExceeded, match="no δ for the Gaussian"):
+        lg.charge(round=2, mechanism="dp-sgd", gaussian=[SubsampledGaussian(1.0, 0.01, 10)])
+    half = PrivacyLedger.open(tmp_path / "h", "client-0", epsilon_budget=10.0, delta=DELTA)
+    half.charge(round=1, mechanism="dp-sgd", gaussian=[SubsampledGaussian(1.0, 0.01, 10)])
+    with pytest.raises(BudgetExceeded, match="δ"):
+        half.charge(round=2, mechanism="dpopt/limited-domain", approx=[(0.1, DELTA)])
+    assert half.remaining_delta() == DELTA
+
+
+def test_ledger_refuses_a_zero_charge(tmp_path):
+    lg = _ledger(tmp_path)
+    with pytest.raises(AccountantError, match=r"\(0, 0\)"):
+        lg.charge(round=1, mechanism="dpopt/limited-domain", approx=[(0.0, 0.0)])
+    assert lg.entries == []
+
+
+def test_ledger_mixed_events_match_dp_accounting(tmp_path):
+    """Gaussian at δ_g = δ − Σδ_approx plus Σε_approx: the ledger's total against dp-accounting directly."""
+    import dp_accounting
+
+    lg = PrivacyLedger.open(tmp_path, "client-0", epsilon_budget=20.0, delta=DELTA, accountant="rdp")
+    lg.charge(round=1, mechanism="dp-sgd", gaussian=[SubsampledGaussian(1.1, 0.01, 200)])
+    entry = lg.charge(round=2, mechanism="dpopt/limited-domain", approx=[(0.8, 4e-6)])
+    ind = dp_accounting.rdp.RdpAccountant()
+    ind.compose(dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.1)), 200)
+    pld = dp_accounting.pld.PLDAccountant()
+    pld.compose(dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.1)), 200)
+    google_rdp = ind.get_epsilon(DELTA - 4e-6) + 0.8
+    google_pld = pld.get_epsilon(DELTA - 4e-6) + 0.8
+    assert entry["epsilon_total"] == pytest.approx(google_rdp, rel=0.01) and entry["epsilon_total"] >= google_pld
+    assert entry["delta_total"] == DELTA
+
+
 _CHILD = """
 import sys
 from privacy.ledger import PrivacyLedger

@@ -174,3 +174,17 @@ def test_methods_refuse_tasks_they_cannot_train():
         _cfg("trainer=dpopt", "task=lm")
     with pytest.raises(Exception, match="trainer 'sfprompt' supports task classify only"):
         _cfg("trainer=sfprompt", "task=instruct")
+
+
+def test_scoring_only_response_positions_equals_the_full_softmax(tok):
+    from fedadapt.tasks.base import per_example_token_loss, scored_token_loss
+
+    task = build_task(_cfg("task=instruct", "data.max_length=96"), [], tok)
+    model, _, _ = load_model("tiny-llama")
+    rows = [task.parse({"instruction": "Say yes.", "output": "yes"}, "x"),
+            task.parse({"instruction": "Name three colours please, in order.", "output": "red, green and blue"}, "x")]
+    batch = task.collate(rows)
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want_total, want_count = per_example_token_loss(full, batch["labels"])
+    got_total, got_count = scored_token_loss(model, batch)
+    assert torch.equal(got_count, want_count) and torch.allclose(got_total, want_total, atol=1e-4)

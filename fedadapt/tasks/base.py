@@ -110,6 +110,25 @@ def right_pad(rows: list[list[int]], pad_id: int, *, labels: list[list[int]] | N
     return out
 
 
+def scored_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like ``per_example_token_loss`` on the model's logits, but the LM head runs only at the positions some
+    row scores (``logits_to_keep`` as indices): a response of a few tokens does not pay for a vocabulary-wide
+    softmax at every prompt position."""
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    keep = (targets != -100).any(0).nonzero().flatten()  # positions whose next token is scored in some row
+    if keep.numel() == 0:
+        zero = torch.zeros(labels.shape[0])
+        return zero, zero.long()
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                logits_to_keep=keep)
+    picked = targets[:, keep]
+    flat = torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), picked.reshape(-1),
+                                             ignore_index=-100, reduction="none").view(picked.shape)
+    counted = picked != -100
+    return (flat * counted).sum(1), counted.sum(1)
+
+
 def per_example_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token cross-entropy per example, counted tokens per example) over labels != -100."""
     shift_logits = logits[:, :-1, :].float()

@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..data import DataError, Example
-from .base import Task, group_of, per_example_token_loss, right_pad, text_field
+from .base import Task, group_of, right_pad, scored_token_loss, text_field
 from .classify import label_index
 
 ROLES = ("system", "user", "assistant")
@@ -218,8 +218,7 @@ class InstructTask(Task):
         return right_pad([r[0] for r in rows], pad, labels=[r[1] for r in rows])
 
     def per_example_loss(self, model, batch) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        total, count = per_example_token_loss(logits, batch["labels"])
+        total, count = scored_token_loss(model, batch)
         return total / count.clamp(min=1)
 
     # ------------------------------------------------------------------ evaluation
@@ -234,9 +233,7 @@ class InstructTask(Task):
         loss_sum, tokens = 0.0, 0
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            batch = self.collate(chunk)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            total, count = per_example_token_loss(logits, batch["labels"])
+            total, count = scored_token_loss(model, self.collate(chunk))
             loss_sum += total.sum().item()
             tokens += int(count.sum())
             if progress is not None:
