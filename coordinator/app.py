@@ -27,9 +27,10 @@ UPDATE = "update"
 class GridTransport:
     """Round traffic over a Flower Grid: push every instruction, pull replies as they arrive."""
 
-    def __init__(self, grid: Grid, poll_s: float = 0.5):
+    def __init__(self, grid: Grid, poll_s: float = 0.5, max_bytes: int = 256 * 1024 * 1024):
         self.grid = grid
         self.poll_s = poll_s
+        self.max_bytes = max_bytes  # compression.max_update_bytes: a larger payload is refused unread
 
     def node_ids(self) -> list[int]:
         return list(self.grid.get_node_ids())
@@ -53,7 +54,7 @@ class GridTransport:
                     continue
                 pending.discard(mid)
                 node = id_to_node[mid]
-                out[node] = self._unwrap(reply)
+                out[node] = self._unwrap(reply, self.max_bytes)
                 on_reply(node)
             if pending:
                 time.sleep(self.poll_s)
@@ -62,17 +63,20 @@ class GridTransport:
         return out
 
     @staticmethod
-    def _unwrap(reply: Message) -> UpdateEnvelope | str:
+    def _unwrap(reply: Message, max_bytes: int = 256 * 1024 * 1024) -> UpdateEnvelope | str:
         if reply.has_error():
             return f"client failed: {reply.error.reason}"
         try:
-            return UpdateEnvelope.from_record(dict(reply.content[UPDATE]))
-        except (KeyError, MessageError) as e:
+            return UpdateEnvelope.from_record(dict(reply.content[UPDATE]), max_payload_bytes=max_bytes)
+        except MessageError as e:
             return f"malformed reply: {e}"
+        except Exception as e:  # noqa: BLE001  (a reply without the record, or one Flower cannot read)
+            return f"malformed reply ({type(e).__name__})"
 
 
 def run_coordinator(grid: Grid, cfg, run_dir: RunDir, *, is_simulation: bool) -> None:
-    Coordinator(cfg, run_dir, is_simulation=is_simulation).run(GridTransport(grid))
+    Coordinator(cfg, run_dir, is_simulation=is_simulation).run(
+        GridTransport(grid, max_bytes=cfg.compression.max_update_bytes))
 
 
 def make_server_app(cfg, run_dir: RunDir, *, is_simulation: bool = True) -> ServerApp:

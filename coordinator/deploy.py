@@ -3,9 +3,11 @@
 What it does, in order:
 
 1. Validates the run config and the security settings (TLS certificates + authorized node keys, or
-   ``--insecure`` with a warning), then creates the run directory (or reopens it with ``--resume``).
+   ``--insecure`` with a warning) and that the SuperLink's port is free, then creates the run directory
+   (or reopens it with ``--resume``) and locks it: one coordinator per run directory.
 2. Starts ``flower-superlink`` as a child process (or attaches to one at ``federation.attach``), its
    link state in ``RUN_DIR/superlink/state.db`` so data owners' SuperNodes survive a coordinator restart.
+   Every ``flwr`` call goes to that SuperLink only: the process listening on the port must be it.
 3. Registers each authorized data owner's public key; a node with any other key is refused by the
    SuperLink, and this command names it (key fingerprint) in its log.
 4. Submits the run with ``flwr run`` (run config ``fedadapt-config`` + ``fedadapt-run-dir``), streams the
@@ -28,8 +30,8 @@ from pathlib import Path
 
 from fedadapt.cli import err
 from fedadapt.paths import atomic_write_json, atomic_write_text
-from fedadapt.processes import (Child, ProcessError, child_env, executable, interrupt_on_termination,
-                                restore_handlers, wait_for_port)
+from fedadapt.processes import (Child, ProcessError, check_port_free, child_env, descendants, executable,
+                                interrupt_on_termination, port_listeners, restore_handlers, wait_for_port)
 from protocols.config import ConfigError, RunConfig
 
 from .certs import CertError, TlsFiles, authorized_key_files, tls_files
@@ -168,26 +170,41 @@ def project_root() -> Path:
     return root
 
 
+def check_ports(fed) -> None:
+    """The SuperLink's port must be free (it binds only that one: Fleet, Control and Runtime APIs share it).
+    A port another coordinator's SuperLink holds would still answer, and this run would go to its data owners."""
+    if not fed.attach:
+        check_port_free(fed.host, fed.port, "the SuperLink port")
+
+
 def prepare_run(cfg: RunConfig | None, resume: str | None, overrides: list[str]) -> tuple[RunConfig, RunDir]:
-    """A new run directory for ``cfg``, or the one to resume (its config, with deployment overrides)."""
+    """A new run directory for ``cfg``, or the one to resume (its config, with deployment overrides); locked
+    by this process. Everything that can be refused is refused before a run directory changes."""
     from protocols.config import apply_overrides, validate_config
 
     if resume:
-        rd = RunDir.open_existing(resume)
-        st = rd.state()
-        if st.get("status") == "done":
-            raise DeployError(f"{rd.path} already finished all its rounds: start a new run with --config")
-        raw = json.loads(rd.config_file.read_text())
-        bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith("federation.")]
-        if bad:
-            raise DeployError(f"--resume keeps the run's config; only federation.* may change (got {bad[0]!r})")
-        cfg = resolve_paths(validate_config(apply_overrides(raw, overrides)))
-        atomic_write_text(rd.config_file, cfg.to_json() + "\n")
+        rd = RunDir.open_existing(Path(resume).expanduser().absolute()).hold()
+        try:
+            st = rd.check()
+            if st.get("status") == "done":
+                raise DeployError(f"{rd.path} already finished all its rounds: start a new run with --config")
+            bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith("federation.")]
+            if bad:
+                raise DeployError(f"--resume keeps the run's config; only federation.* may change (got {bad[0]!r})")
+            raw = json.loads(rd.config().to_json())
+            cfg = resolve_paths(validate_config(apply_overrides(raw, overrides)))
+            resolve_security(cfg.federation)
+            check_ports(cfg.federation)
+            atomic_write_text(rd.config_file, cfg.to_json() + "\n")
+        except BaseException:
+            rd.release()
+            raise
         return cfg, rd
     assert cfg is not None
     cfg = resolve_paths(cfg)
     resolve_security(cfg.federation)  # refuse bad security settings before a run directory exists
-    return cfg, RunDir.create(cfg)
+    check_ports(cfg.federation)
+    return cfg, RunDir.create(cfg).hold()
 
 
 # ---------------------------------------------------------------------------- the processes
@@ -199,8 +216,9 @@ class Deployment:
     def __init__(self, cfg: RunConfig, rd: RunDir, sec: Security, *, echo=print):
         self.cfg, self.rd, self.sec, self.echo = cfg, rd, sec, echo
         self.fed = cfg.federation
-        self.logs = rd.path / "logs"
-        self.flwr_home = rd.path / "superlink" / "flwr-cli"
+        # absolute: `flwr` runs in the project folder, where a relative FLWR_HOME would be another folder
+        self.logs = rd.path.absolute() / "logs"
+        self.flwr_home = rd.path.absolute() / "superlink" / "flwr-cli"
         self.superlink: Child | None = None
         self.submit: Child | None = None
         self.run_id: int | None = None
@@ -220,7 +238,7 @@ class Deployment:
         if self.fed.attach:
             self.echo(f"attaching to the SuperLink at {self.fed.attach}")
             return
-        state_dir = self.rd.path / "superlink"
+        state_dir = self.rd.path.absolute() / "superlink"
         state_dir.mkdir(parents=True, exist_ok=True)
         env = child_env({"FLWR_HOME": str(state_dir / "flwr-home")})
         self.superlink = Child("flower-superlink", superlink_argv(self.fed, self.sec, state_dir / "state.db"),
@@ -230,8 +248,22 @@ class Deployment:
                   f"({'INSECURE: no TLS, any node may join' if self.sec.insecure else 'TLS, node authentication'}); "
                   f"log: {self.logs / 'superlink.log'}")
 
+    def check_link(self) -> None:
+        """Before every `flwr` call: the SuperLink we started still runs and is the one on its port."""
+        link = self.superlink
+        if link is None:
+            return
+        if not link.running():
+            raise ProcessError(f"{link.name} exited with code {link.proc.returncode}; its log ({link.log_path}) "
+                               f"ends with: {link.tail(3)}")
+        holders = port_listeners(self.fed.port)
+        if holders is not None and not set(holders) & {link.pid, *descendants(link.pid)}:
+            raise ProcessError(f"port {self.fed.port} is no longer held by our {link.name}: stop the other process "
+                               "and resume with `coordinator serve --resume`")
+
     # -------------------------------------------------------------- flwr CLI
     def _cli_env(self) -> dict[str, str]:
+        self.check_link()  # every flwr call passes here: none may reach a SuperLink we did not start
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.flwr_home / "config.toml", flwr_cli_config(connect_address(self.fed), self.sec))
         return child_env({"FLWR_HOME": str(self.flwr_home)})
@@ -309,13 +341,25 @@ class Deployment:
 
 def _read_deploy(rd: RunDir) -> dict:
     p = rd.path / DEPLOY_FILE
-    return json.loads(p.read_text()) if p.is_file() else {}
+    try:
+        info = json.loads(p.read_bytes()) if p.is_file() else {}
+    except (ValueError, RecursionError):  # only stale-run bookkeeping: a damaged file is not worth a stop
+        err.print(f"[yellow]warning:[/] {p} is not valid JSON: ignored (earlier Flower runs are not stopped)")
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def serve(cfg: RunConfig | None, *, resume: str | None = None, overrides: list[str] | None = None, echo=None) -> RunDir:
     """Run a deployment to the end; returns the run directory (raises DeployError if the run did not finish)."""
     echo = echo or (lambda line: print(line, flush=True))
     cfg, rd = prepare_run(cfg, resume, overrides or [])
+    try:
+        return _serve(cfg, rd, resume, echo)
+    finally:
+        rd.release()
+
+
+def _serve(cfg: RunConfig, rd: RunDir, resume: str | None, echo) -> RunDir:
     sec = resolve_security(cfg.federation)
     if sec.insecure:
         err.print("[bold yellow]warning:[/] --insecure: no TLS and no node authentication; any machine that reaches "
@@ -362,9 +406,10 @@ def cmd_serve(args) -> int:
         overrides.append("federation.insecure=true")
     if bool(args.config) == bool(args.resume):
         raise ConfigError("pass exactly one of --config run.toml (a new run) or --resume RUN_DIR")
+    resume = str(Path(args.resume).expanduser().absolute()) if args.resume else None  # children run elsewhere
     try:
-        cfg = None if args.resume else load_config(args.config, overrides)
-        rd = serve(cfg, resume=args.resume, overrides=overrides if args.resume else [])
+        cfg = None if resume else load_config(args.config, overrides)
+        rd = serve(cfg, resume=resume, overrides=overrides if resume else [])
     except (DeployError, CertError, ProcessError, RunDirError) as e:
         err.print(f"[bold red]error:[/] {e}")
         return 2

@@ -36,6 +36,15 @@ log = logging.getLogger("fedadapt.coordinator")
 console = Console(stderr=False)
 
 
+# fields of a client record that the coordinator writes; a client's metric of the same name is dropped
+RECORD_FIELDS = frozenset({"kind", "round", "node_id", "client", "status", "examples", "bytes_sent", "bytes_received",
+                           "reason", "compression_ratio", "update_norm"})
+
+
+def update_norm(delta: dict[str, torch.Tensor]) -> float:
+    return float(sum(float(t.float().pow(2).sum()) for t in delta.values())) ** 0.5
+
+
 class Transport(Protocol):
     def node_ids(self) -> list[int]: ...
 
@@ -223,6 +232,8 @@ class Coordinator:
         return rd.metrics
 
     def _collect(self, r: int, replies: dict[int, UpdateEnvelope | str], expected, bytes_down: int) -> RoundOutcome:
+        """Validate every reply at the trust boundary. A reply that fails any check (or raises anything while
+        being decoded) is refused with its reason in the log and the metrics; the round goes on."""
         out = RoundOutcome(r)
         records = []
         for node, env in sorted(replies.items()):
@@ -233,22 +244,33 @@ class Coordinator:
                 records.append({**base, "status": "no-reply", "reason": env})
                 continue
             name = env.client_name or f"node-{node}"
-            rec = {**base, "client": name, "status": env.status, "examples": env.num_examples,
-                   "bytes_sent": bytes_down, "bytes_received": len(env.payload), **env.metrics}
+            # the record's own fields are written last: a metric named "round" or "status" cannot overwrite them
+            rec = {**{k: v for k, v in env.metrics.items() if k not in RECORD_FIELDS},
+                   **base, "client": name, "status": env.status, "examples": env.num_examples,
+                   "bytes_sent": bytes_down, "bytes_received": len(env.payload)}
             if env.status != "ok":
                 out.rejected[name] = env.reason
                 log.warning("round %d: %s sent no update (%s): %s", r, name, env.status, env.reason)
                 records.append({**rec, "reason": env.reason})
                 continue
             try:
+                clash = sorted(set(env.metrics) & RECORD_FIELDS)
+                if clash:  # an honest node never sends these: the reply is trying to rewrite the record
+                    raise CodecError(f"metrics {clash[:4]} are the coordinator's record fields")
                 delta = self.decode(env, expected)
-            except CodecError as e:
-                out.rejected[name] = str(e)
-                log.error("round %d: refused the update from %s: %s", r, name, e)
-                records.append({**rec, "status": "refused", "reason": str(e)})
+                norm = update_norm(delta)
+                limit = self.cfg.merge.max_update_norm
+                if limit and norm > limit:
+                    raise CodecError(f"update L2 norm {norm:.4g} is above merge.max_update_norm={limit:g}")
+            except Exception as e:  # noqa: BLE001  (CodecError, or anything a hostile payload provokes)
+                reason = str(e) if isinstance(e, CodecError) else f"undecodable update ({type(e).__name__})"
+                out.rejected[name] = reason
+                log.error("round %d: refused the update from %s (node %s): %s", r, name, node, reason)
+                records.append({**rec, "status": "refused", "reason": reason})
                 continue
             raw = sum(t.numel() * 4 for t in delta.values())
             rec["compression_ratio"] = raw / max(len(env.payload), 1)
+            rec["update_norm"] = norm
             out.accepted.append(ClientUpdate(delta=delta, num_examples=env.num_examples, client=name,
                                              metrics=dict(env.metrics), extra=dict(env.extra)))
             records.append(rec)

@@ -8,14 +8,18 @@ Layout::
                checkpoints/global-rN.safetensors   the global tensors after round N (last two kept)
                adapter/                the global adapter in PEFT format (LoRA-based trainers)
                privacy/                per-data-owner ledgers (simulation) and the coordinator's ledger
+               lock                    flock()ed by the process using the run (holds its pid)
 
 A round commits in this order: metrics, checkpoint, artifacts, state.json. On resume, metrics of
 rounds after state.json's round are dropped, so a crash never duplicates or half-writes a round.
+Files read back are checked: a damaged one is a RunDirError saying how to go on, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,12 +27,19 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from fedadapt.paths import atomic_write_bytes, atomic_write_json, atomic_write_text
+from fedadapt.paths import LockBusy, atomic_write_bytes, atomic_write_json, atomic_write_text, hold_lock
 from protocols.config import RunConfig, config_from_json
 
 
+log = logging.getLogger("fedadapt.run_dir")
+
+# run directories this process holds (resolved path -> the locked file descriptor); the OS drops the
+# locks when the process ends, however it ends, so a crash leaves no stale lock
+_HELD: dict[Path, int] = {}
+
+
 class RunDirError(RuntimeError):
-    pass
+    """A run directory that is missing, damaged or in use; one line naming the problem and the fix."""
 
 
 class RunDir:
@@ -36,7 +47,7 @@ class RunDir:
         self.path = Path(path)
         self._metrics: list[dict[str, Any]] = []
         if self.metrics_file.is_file():
-            self._metrics = [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+            self._metrics = self._read_metrics()
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -56,10 +67,36 @@ class RunDir:
 
     @classmethod
     def open_existing(cls, path: str | Path) -> "RunDir":
-        rd = cls(path)
-        if not rd.config_file.is_file():
+        if not Path(path).is_dir():
+            what = "is not a folder" if Path(path).exists() else "does not exist"
+            raise RunDirError(f"{path} {what}: pass the folder a run created under runs/")
+        if not (Path(path) / "config.json").is_file():
             raise RunDirError(f"{path} is not a run directory (no config.json): pass the folder a run created under runs/")
-        return rd
+        return cls(path)
+
+    # ------------------------------------------------------------------ the lock
+    @property
+    def lock_file(self) -> Path:
+        return self.path / "lock"
+
+    def hold(self) -> "RunDir":
+        """Lock the run directory for as long as this process lives (or until ``release``).
+
+        A second coordinator or simulation on the same folder is refused: it would stop the live run's
+        Flower run and write the same files. The OS drops the lock when the holder dies, so a crashed run
+        leaves no stale lock. Holding it again in the same process is a no-op."""
+        key = self.path.resolve()
+        if key not in _HELD:
+            try:
+                _HELD[key] = hold_lock(self.lock_file)
+            except LockBusy as e:
+                raise RunDirError(f"run directory {self.path} is in use by process {e.holder}: stop it first") from None
+        return self
+
+    def release(self) -> None:
+        fd = _HELD.pop(self.path.resolve(), None)
+        if fd is not None:
+            os.close(fd)  # closing drops the flock
 
     # ------------------------------------------------------------------ files
     @property
@@ -83,7 +120,24 @@ class RunDir:
         return self.path / "privacy"
 
     def config(self) -> RunConfig:
-        return config_from_json(self.config_file.read_text())
+        try:
+            return config_from_json(self.config_file.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise RunDirError(f"the run directory {self.path} is damaged: config.json is not valid JSON, so its settings "
+                              "are lost: start a new run with --config") from None
+
+    def _damaged(self, problem: str, skip: Path | None = None) -> RunDirError:
+        """One line: what is damaged, and how to go on from the newest checkpoint left (or from round 0)."""
+        intact = sorted(((int(p.stem.split("-r")[-1]), p) for p in (self.path / "checkpoints").glob("global-r*.safetensors")
+                         if p.stem.split("-r")[-1].isdigit() and p != skip), reverse=True)
+        again = f"`coordinator serve --resume {self.path}`"
+        if intact:
+            n, p = intact[0]
+            state = json.dumps({"completed_rounds": n, "checkpoint": f"checkpoints/{p.name}", "status": "running"})
+            fix = f"to go on after round {n} from {p.name}, write {state} to {self.state_file} and run {again}"
+        else:
+            fix = f"to redo the run from round 0, delete {self.state_file} and run {again}"
+        return RunDirError(f"the run directory {self.path} is damaged: {problem}; {fix}, or start a new run with --config")
 
     # ------------------------------------------------------------------ metrics
     @property
@@ -96,6 +150,26 @@ class RunDir:
         self._metrics.extend(records)
         self._write_metrics()
 
+    def _read_metrics(self) -> list[dict[str, Any]]:
+        """Every record of metrics.jsonl; a line that is not one is skipped with a warning naming it (metrics
+        are append-only, and a crash or a full disk can leave a torn line, usually the last)."""
+        out = []
+        with open(self.metrics_file, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    rec = json.loads(raw)
+                except (ValueError, RecursionError):  # bad JSON or not UTF-8
+                    rec = None
+                ok = isinstance(rec, dict) and (isinstance(rec.get("round", 0), int) and not isinstance(rec.get("round"), bool))
+                if not ok:
+                    log.warning("%s:%d: not a metrics record, skipped (a line torn by a crash?); the file is rewritten "
+                                "without it at the next round", self.metrics_file, lineno)
+                    continue
+                out.append(rec)
+        return out
+
     def _write_metrics(self) -> None:
         atomic_write_text(self.metrics_file, "".join(json.dumps(r, sort_keys=False) + "\n" for r in self._metrics))
 
@@ -103,7 +177,23 @@ class RunDir:
     def state(self) -> dict[str, Any]:
         if not self.state_file.is_file():
             return {"completed_rounds": 0, "status": "new"}
-        return json.loads(self.state_file.read_text())
+        try:
+            st = json.loads(self.state_file.read_bytes())
+        except (ValueError, RecursionError):
+            raise self._damaged("state.json is not valid JSON (truncated?)") from None
+        done = st.get("completed_rounds", 0) if isinstance(st, dict) else None
+        if not isinstance(done, int) or isinstance(done, bool) or done < 0 or (done and not isinstance(st.get("checkpoint"), str)):
+            raise self._damaged("state.json is not a run state (completed_rounds and checkpoint)")
+        return st
+
+    def check(self) -> dict[str, Any]:
+        """The state, once what a resume needs is known to be there (state.json and its checkpoint)."""
+        st = self.state()
+        if st.get("completed_rounds", 0):
+            ckpt = self.path / st["checkpoint"]
+            if not ckpt.is_file():
+                raise self._damaged(f"the checkpoint of round {st['completed_rounds']} ({st['checkpoint']}) is missing", skip=ckpt)
+        return st
 
     def commit_round(self, round_no: int, global_state: dict[str, torch.Tensor], extra: dict[str, Any] | None = None) -> None:
         """Checkpoint the global tensors, then advance state.json (the commit point)."""
@@ -125,15 +215,17 @@ class RunDir:
 
     def resume_point(self) -> tuple[int, dict[str, torch.Tensor] | None]:
         """(completed rounds, global tensors) and drop metrics written after the last commit."""
-        st = self.state()
-        done = int(st.get("completed_rounds", 0))
-        keep = [m for m in self._metrics if int(m.get("round", 0)) <= done]
+        st = self.check()  # a damaged directory is refused before anything in it changes
+        done = st.get("completed_rounds", 0)
+        global_state = None
+        if done:
+            ckpt = self.path / st["checkpoint"]
+            try:
+                global_state = load_file(ckpt)
+            except Exception as e:  # noqa: BLE001  (safetensors raises its own error types for a torn file)
+                raise self._damaged(f"the checkpoint {st['checkpoint']} is unreadable ({type(e).__name__})", skip=ckpt) from None
+        keep = [m for m in self._metrics if m.get("round", 0) <= done]
         if len(keep) != len(self._metrics):
             self._metrics = keep
             self._write_metrics()
-        if done == 0:
-            return 0, None
-        ckpt = self.path / st["checkpoint"]
-        if not ckpt.is_file():
-            raise RunDirError(f"{ckpt} is missing: the run directory is damaged; start a new run")
-        return done, load_file(ckpt)
+        return done, global_state

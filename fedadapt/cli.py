@@ -9,7 +9,9 @@ import sys
 from rich.console import Console
 from rich.logging import RichHandler
 
-err = Console(stderr=True)
+# soft_wrap: a message is one line however wide the terminal (or log file) is; wrapping at 80 columns made
+# the one-line errors three lines in logs and CI
+err = Console(stderr=True, soft_wrap=True)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -22,14 +24,30 @@ def setup_logging(verbose: bool = False) -> None:
 class _QuietLibraries(logging.Filter):
     """Flower and Ray log chatty DEBUG/INFO lines through the root logger; keep their warnings only."""
 
-    PREFIXES = ("flwr", "ray", "urllib3", "httpx", "filelock", "datasets", "grpc")
+    PREFIXES = ("flwr", "ray", "urllib3", "httpx", "filelock", "datasets", "grpc", "alembic")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING or not record.name.startswith(self.PREFIXES)
 
 
+class _PlainHandler(logging.Handler):
+    """Log records as single lines on stderr (RichHandler wraps them at 80 columns when not on a terminal)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")  # sys.stderr now, not at setup: tests capture it
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001
+            self.handleError(record)
+
+
 def _handler(verbose: bool) -> logging.Handler:
-    h = RichHandler(console=err, show_path=False, rich_tracebacks=False, level=logging.DEBUG if verbose else logging.INFO)
+    level = logging.DEBUG if verbose else logging.INFO
+    if err.is_terminal:
+        h: logging.Handler = RichHandler(console=err, show_path=False, rich_tracebacks=False, level=level)
+    else:
+        h = _PlainHandler(level)
+        h.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)-8s %(message)s", datefmt="%H:%M:%S"))
     if not verbose:
         h.addFilter(_QuietLibraries())
     return h
@@ -66,11 +84,15 @@ DELEGATES = {
 
 def run_guarded(fn, *a) -> int:
     """Known errors become one red line and exit code 2; nothing else is swallowed."""
+    from coordinator.run_dir import RunDirError
     from fedadapt.data import DataError
+    from fedadapt.processes import ProcessError
     from protocols.codecs import CodecError
     from protocols.config import ConfigError
+    from simulations.simulate import SimulationError
 
-    known: tuple[type[BaseException], ...] = (ConfigError, DataError, CodecError, FileNotFoundError)
+    known: tuple[type[BaseException], ...] = (ConfigError, DataError, CodecError, FileNotFoundError, RunDirError,
+                                              ProcessError, SimulationError)
     try:
         return int(fn(*a) or 0)
     except known as e:

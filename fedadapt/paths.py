@@ -90,3 +90,29 @@ def file_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+class LockBusy(RuntimeError):
+    """``hold_lock`` found the lock taken; ``holder`` is the pid written by the process holding it."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is locked by process {holder}")
+        self.holder = holder
+
+
+def hold_lock(path: str | Path) -> int:
+    """Take an exclusive lock on ``path`` without waiting and write this pid into it; returns the descriptor to
+    keep open. Closing it releases the lock, and so does the process ending in any way (flock belongs to the
+    open file, so a crash leaves no stale lock). The file is written in place, never replaced: the lock is on
+    its inode. Raises ``LockBusy`` naming the holder."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise LockBusy(path, holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import shutil
 import signal
@@ -96,6 +97,69 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     return False
 
 
+def _listening_inodes(port: int) -> set[str] | None:
+    """Socket inodes listening on TCP ``port`` (any address), from /proc/net; None where unreadable."""
+    found, readable = set(), False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                found.add(cols[9])
+    return found if readable else None
+
+
+def port_listeners(port: int) -> list[int] | None:
+    """The pids (that this user may inspect) holding a socket that listens on TCP ``port``; None if unknown."""
+    inodes = _listening_inodes(port)
+    if inodes is None:
+        return None
+    wanted = {f"socket:[{i}]" for i in inodes}
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) in wanted for fd in (entry / "fd").iterdir()):
+                pids.append(int(entry.name))
+    return pids
+
+
+def _describe(pid: int) -> str:
+    try:
+        cmd = " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").split())
+    except OSError:
+        return f"process {pid}"
+    return f"process {pid} ({cmd[:80]})" if cmd else f"process {pid}"
+
+
+def check_port_free(host: str, port: int, what: str = "the port") -> None:
+    """Refuse a port another process listens on, by binding it as the server will (SO_REUSEADDR, so a
+    just-closed connection's TIME_WAIT does not count). Probing by connecting is not enough: a port held by
+    another coordinator answers, and this one would submit its run there."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ProcessError(f"cannot resolve host {host!r} ({e.strerror}): fix federation.host / --host") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise ProcessError(f"cannot listen on {host}:{port} ({e.strerror}): pick another port with --port "
+                                   "(federation.port) or another --host") from None
+            holders = port_listeners(port) or []
+            by = f" by {_describe(holders[0])}" if holders else ""
+            raise ProcessError(f"{what} {host}:{port} is already in use{by}: stop that process or pick another "
+                               "port with --port (federation.port)") from None
+
+
 class Child:
     """One child process; its output goes line by line to a log file and to ``on_line``."""
 
@@ -171,7 +235,8 @@ class Child:
 
 
 def wait_for_port(child: Child, host: str, port: int, timeout: float) -> None:
-    """Block until ``child`` listens on ``host:port``; a child that exits first is an error with its log tail."""
+    """Block until ``child`` (or a process under it) listens on ``host:port``; a child that exits first, or
+    another process answering there, is an error (the former with the child's log tail)."""
     probe = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -179,7 +244,13 @@ def wait_for_port(child: Child, host: str, port: int, timeout: float) -> None:
             raise ProcessError(f"{child.name} exited with code {child.proc.returncode} before listening on "
                                f"{host}:{port}; its log ({child.log_path}) ends with:\n{child.tail()}")
         if port_open(probe, port):
-            return
+            holders = port_listeners(port)
+            if holders is None or set(holders) & {child.pid, *descendants(child.pid)}:
+                return
+            # Someone else answers there (it took the port after our check): never talk to it.
+            raise ProcessError(f"{host}:{port} is held by {_describe(holders[0]) if holders else 'another process'}, "
+                               f"not by {child.name}: stop that process or pick another port with --port "
+                               "(federation.port)")
         time.sleep(0.2)
     raise ProcessError(f"{child.name} did not listen on {host}:{port} within {timeout:.0f}s: see {child.log_path}")
 

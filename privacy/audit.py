@@ -15,7 +15,7 @@ Lower means "more likely a member". The per-label median removes the shift every
 when training moves the model's label bias; it reads only the model and the canaries, never the coins.
 
 The auditor guesses "in" for the k₊ lowest scores, "out" for the k₋ highest, and abstains on the rest
-(r = k₊ + k₋ guesses, v of them right). If the trainer is (ε, δ)-DP, Theorem 5.2 / Appendix D of the
+(r = k₊ + k₋ guesses, v of them right). If the trainer is (ε, δ)-DP, Section 5 and Appendix D of the
 paper bound the chance of v or more right guesses by
 
     p(ε) = P[Binomial(r, q) ≥ v] + 2mδ · max_{1≤i≤v} P[v−i ≤ Binomial(r, q) < v] / i,   q = e^ε / (1 + e^ε),
@@ -126,14 +126,28 @@ def max_certifiable_epsilon(m: int, delta: float, alpha: float = 0.05) -> float:
     return epsilon_from_guesses(m, m, m, delta, alpha / len(GUESSES))
 
 
+def certifiable_peak(delta: float, alpha: float = 0.05) -> tuple[float, int]:
+    """(the largest ε any canary count certifies, that count): with δ > 0 the 2mδ term caps a one-run audit."""
+    best, m = (0.0, MIN_CANARIES), MIN_CANARIES
+    while m <= _SCAN_LIMIT:
+        top = max_certifiable_epsilon(m, delta, alpha)
+        if top < best[0]:
+            break  # past the peak: the 2mδ term now grows faster than the guesses help
+        best, m = (top, m), math.ceil(m * 1.5 / 8) * 8
+    return best
+
+
 def canaries_needed(claim: float, delta: float, alpha: float = 0.05, start: int = MIN_CANARIES) -> int | None:
     """The fewest canaries (a multiple of 8, ≥ start) whose largest certifiable ε exceeds ``claim``; None if
-    no count up to ``_SCAN_LIMIT`` does (with δ > 0 the 2mδ term caps the bound however many canaries)."""
-    prev, m = None, max(start, MIN_CANARIES)
+    no count does (see ``certifiable_peak``)."""
+    prev, m, last = None, max(start, MIN_CANARIES), 0.0
     while m <= _SCAN_LIMIT:
-        if max_certifiable_epsilon(m, delta, alpha) > claim:
+        top = max_certifiable_epsilon(m, delta, alpha)
+        if top > claim:
             break
-        prev, m = m, math.ceil(m * 1.5 / 8) * 8
+        if top < last:
+            return None  # past the peak
+        prev, m, last = m, math.ceil(m * 1.5 / 8) * 8, top
     else:
         return None
     if prev is None:
@@ -194,8 +208,9 @@ def plan_audit(cfg, *, canaries: int | str = "auto", claim: float | None = None,
     if auto:
         m = canaries_needed(claim, delta, alpha, start=DEFAULT_CANARIES)
         if m is None:
-            raise AuditRefused(f"no number of canaries can certify ε above {claim:g} at δ={delta:g} in one run "
-                               f"(the 2mδ term caps the bound): audit {fix}, or lower privacy.delta")
+            peak, at = certifiable_peak(delta, alpha)
+            raise AuditRefused(f"no number of canaries can certify ε above {claim:g} at δ={delta:g} in one run (at most "
+                               f"{peak:.2f}, with about {at}, every guess right): audit {fix}, or lower privacy.delta")
         if m > MAX_AUTO_CANARIES:
             raise AuditRefused(f"refuting ε = {claim:g} at δ={delta:g} needs at least {m} canaries (--canaries auto "
                                f"stops at {MAX_AUTO_CANARIES}): use --canaries {m}, or audit {fix}")

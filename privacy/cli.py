@@ -52,7 +52,7 @@ def cmd_audit(args) -> int:
         return 2
     err.print(f"[bold]privacy audit[/]: trainer={cfg.trainer} model={cfg.model} rounds={cfg.rounds} "
               f"local_steps={cfg.train.local_steps}, {plan['canaries']} canaries (each in on a fair coin)"
-              + (" [auto]" if plan["auto"] else ""))
+              + (", sized to the claim" if plan["auto"] else ""))
     err.print(f"claimed ε = {plan['claim']:g} ({plan['claim_source']}), δ = {plan['delta']:g}; these canaries can certify "
               f"at most ε = {plan['max_certifiable_epsilon']:.2f} (every guess right, confidence {1 - args.alpha:.0%})")
     res = run_audit(cfg, plan=plan, owner_index=args.owner, canary_words=args.canary_words,

@@ -76,6 +76,8 @@ class FederationConfig(_Section):
     authorized_keys: str = ""  # a .pub file or a folder of them: the only data owners allowed to join
     insecure: bool = False  # no TLS, no node authentication (local experiments only)
     startup_timeout_s: float = Field(60.0, gt=0)  # SuperLink start / registration
+    # simulation fault drills: {"<partition index>" = "<kind>"} (see client_node/faults.py), e.g. {"2" = "nan-update"}
+    faults: dict[str, str] = Field(default_factory=dict)
 
 
 class TrainConfig(_Section):
@@ -101,6 +103,9 @@ class MergeConfig(_Section):
     pcb_ratio: float = Field(0.1, gt=0, le=1)  # pcb: fraction kept after balancing
     lora_space: Literal["per-matrix", "product"] = "per-matrix"  # see coordinator/mergers/lora_space.py
     seed: int = 0  # dare-ties: seeds the drop masks (with client, tensor name and content)
+    # refuse an update whose L2 norm (all tensors together) is above this (0 = off): a diverged or hostile
+    # owner is left out of the round rather than scaled down, so one reply cannot steer the merge
+    max_update_norm: float = Field(0.0, ge=0)
 
 
 class PrivacyConfig(_Section):

@@ -4,39 +4,94 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 
 import fedadapt  # noqa: F401
 from protocols.config import RunConfig
 
 
+class SimulationError(RuntimeError):
+    """A simulation that did not finish; one line with the reason (the failed round's, from state.json)."""
+
+
+def check_data(cfg: RunConfig) -> None:
+    """Read what the run will read, with the run's task: every simulated owner's training data (each source
+    file once) and the eval split. A bad file is then one DataError line before a run directory exists,
+    not a failed round with a Ray traceback."""
+    from fedadapt.data import DataError, load_split, resolve_dataset_dir
+    from fedadapt.partitions import data_task, eval_examples, partition_examples, simulated_client_examples
+
+    data, n = cfg.data, cfg.federation.num_clients
+    if data.partitioner == "domain":
+        for i in range(n):  # one folder per owner
+            simulated_client_examples(cfg, n, i)
+    else:
+        field = data.field if data.partitioner == "field" else ""
+        every = load_split(resolve_dataset_dir(data.dataset, data.root), data.train_split, data_task(cfg), group_field=field)
+        for i in range(n):
+            if not partition_examples(every, data.partitioner, n, i, alpha=data.alpha, seed=cfg.seed):
+                raise DataError(f"data owner {i} got no training examples: raise data.alpha or lower federation.num_clients")
+    eval_examples(cfg)
+
+
 def run_simulation_for(cfg: RunConfig, *, run_dir=None, backend: str = "ray") -> "object":
-    """Run ``cfg`` on ``cfg.federation.num_clients`` virtual nodes; returns the RunDir."""
+    """Run ``cfg`` on ``cfg.federation.num_clients`` virtual nodes; returns the RunDir.
+
+    The data is checked before a run directory is made; one this call made is removed again if the run
+    fails before committing a round (nothing in it to resume). The run directory is locked meanwhile."""
     from flwr.simulation import run_simulation
 
     from client_node.app import app as client_app
     from coordinator.app import make_server_app
+    from coordinator.rounds import RoundFailed
     from coordinator.run_dir import RunDir
     from fedadapt.models import ensure_converted
 
+    check_data(cfg)
     if cfg.model == "smollm2-135m":
         ensure_converted()  # convert once up front, not inside every Ray actor at the same time
-    rd = run_dir or RunDir.create(cfg)
-    server_app = make_server_app(cfg, rd, is_simulation=True)
-    threads = cfg.train.threads or (os.cpu_count() or 1)
-    # One client at a time on small machines: each actor gets every core, and torch uses them.
-    backend_config = {
-        "client_resources": {"num_cpus": max(1, os.cpu_count() or 1), "num_gpus": 0.0},
-        "init_args": {"logging_level": logging.ERROR, "log_to_driver": True, "num_cpus": max(1, os.cpu_count() or 1)},
-    }
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    t0 = time.perf_counter()
-    run_simulation(
-        server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
-        backend_name=backend, backend_config=backend_config,
-    )
-    rd.wall_seconds = time.perf_counter() - t0
-    state = rd.state()
-    if state.get("status") != "done":
-        raise RuntimeError(f"simulation ended without finishing its rounds (state: {state}); see the log above")
+    rd = (run_dir or RunDir.create(cfg)).hold()
+    try:
+        server_app = make_server_app(cfg, rd, is_simulation=True)
+        threads = cfg.train.threads or (os.cpu_count() or 1)
+        # One client at a time on small machines: each actor gets every core, and torch uses them.
+        backend_config = {
+            "client_resources": {"num_cpus": max(1, os.cpu_count() or 1), "num_gpus": 0.0},
+            "init_args": {"logging_level": logging.ERROR, "log_to_driver": True, "num_cpus": max(1, os.cpu_count() or 1)},
+        }
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        t0 = time.perf_counter()
+        failure = ""
+        try:
+            run_simulation(
+                server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
+                backend_name=backend, backend_config=backend_config,
+            )
+        except RoundFailed as e:
+            failure = str(e)
+        rd.wall_seconds = time.perf_counter() - t0
+        state = rd.state()
+        if state.get("status") != "done":
+            raise SimulationError(f"the simulation stopped after {state.get('completed_rounds', 0)} of {cfg.rounds} rounds: "
+                                  f"{failure or state.get('reason') or 'see the log above'}")
+    except BaseException as e:
+        if run_dir is None and _discard_if_uncommitted(rd) and isinstance(e, SimulationError):
+            raise SimulationError(f"{e} (no round was committed, so its run directory was removed)") from None
+        raise
+    finally:
+        rd.release()
     return rd
+
+
+def _discard_if_uncommitted(rd) -> bool:
+    """Remove a run directory with no committed round (a failed start): True if removed."""
+    try:
+        committed = rd.state().get("completed_rounds", 0)
+    except Exception:  # noqa: BLE001  (a damaged state.json: keep the folder for a look)
+        return False
+    if committed:
+        return False
+    rd.release()
+    shutil.rmtree(rd.path, ignore_errors=True)
+    return True

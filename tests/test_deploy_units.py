@@ -16,7 +16,7 @@ from coordinator.certs import (CertError, authorized_key_files, generate_certifi
                                server_hosts, tls_files)
 from coordinator.deploy import (DeployError, connect_address, flwr_cli_config, key_fingerprint,
                                 prepare_run, refused_node_from_log, resolve_security, run_config_arg, superlink_argv)
-from fedadapt.processes import Child, alive, descendants
+from fedadapt.processes import Child, alive, descendants, free_port
 from protocols.codecs import CodecError, get_codec
 from protocols.config import FederationConfig
 from protocols.messages import UpdateEnvelope
@@ -116,29 +116,32 @@ def test_addresses_and_run_config_argument(tmp_path):
 def test_resume_keeps_the_run_config(tmp_path, tiny_cfg):
     cfg = tiny_cfg.model_copy(update={"output_dir": str(tmp_path / "runs")})
     cfg.federation.insecure = True
+    cfg.federation.port = free_port()  # prepare_run refuses a port in use
     cfg, rd = prepare_run(cfg, None, [])
     assert Path(cfg.output_dir).is_absolute() and Path(cfg.data.root).is_absolute()
     with pytest.raises(DeployError, match="only federation"):
         prepare_run(None, str(rd.path), ["train.lr=1.0"])
-    cfg2, rd2 = prepare_run(None, str(rd.path), ["federation.port=9777"])
-    assert rd2.path == rd.path and cfg2.federation.port == 9777 and cfg2.train == cfg.train
+    port = free_port()
+    cfg2, rd2 = prepare_run(None, str(rd.path), [f"federation.port={port}"])
+    assert rd2.path == rd.path and cfg2.federation.port == port and cfg2.train == cfg.train
     rd.mark("done")
     with pytest.raises(DeployError, match="already finished"):
         prepare_run(None, str(rd.path), [])
+    rd.release()
 
 
 def test_fault_drill_makes_updates_the_coordinator_refuses():
     import torch
 
     payload = get_codec("none").encode({"w": torch.ones(4, 4)})
-    env = UpdateEnvelope(status="ok", payload=payload, num_examples=3)
-    assert apply_fault(env, {}) is env
+    rec = UpdateEnvelope(status="ok", payload=payload, num_examples=3).to_record()
+    assert apply_fault(rec, "") is rec
     for kind, msg in (("corrupt-update", "checksum"), ("truncated-update", "checksum|truncated")):
-        bad = apply_fault(env, {"fault": kind})
+        bad = apply_fault(rec, kind)
         with pytest.raises(CodecError, match=msg):
-            get_codec("none").decode(bad.payload, max_bytes=1 << 20, expected={"w": (4, 4)})
+            get_codec("none").decode(bad["payload"], max_bytes=1 << 20, expected={"w": (4, 4)})
     with pytest.raises(ValueError, match="unknown"):
-        apply_fault(env, {"fault": "explode"})
+        apply_fault(rec, "explode")
 
 
 def test_join_refuses_bad_arguments_before_starting_anything(tmp_path, data_root):

@@ -22,7 +22,9 @@ Merger = Callable[[list[ClientUpdate], object], dict[str, torch.Tensor]]
 
 
 def example_weights(updates: list[ClientUpdate]) -> list[float]:
-    total = sum(u.num_examples for u in updates)
+    """FedAvg weights n_i / Σn (counts are checked non-negative at the trust boundary; clamped here too)."""
+    counts = [max(0, int(u.num_examples)) for u in updates]
+    total = sum(counts)
     if total <= 0:
         return [1.0 / len(updates)] * len(updates)
-    return [u.num_examples / total for u in updates]
+    return [c / total for c in counts]

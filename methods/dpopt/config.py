@@ -12,8 +12,8 @@ class _Section(BaseModel):
 
 
 class DPOPTConfig(_Section):
-    epsilon: float = Field(8.0, gt=0)  # per data owner and round; inf = non-private (majority vote)
-    delta: float = Field(1e-5, gt=0, lt=1)
+    epsilon: float = Field(8.0, gt=0)  # per data owner, for the run (a round spends what is left); inf = non-private
+    delta: float = Field(1e-5, gt=0, lt=1)  # per data owner, for the run: split evenly over its remaining rounds
     ensemble_size: int = Field(8, ge=1)  # members (disjoint demonstration sets) per prompt
     num_prompts: int = Field(4, ge=1)  # candidate prompts per data owner and round
     max_new_tokens: int = Field(24, ge=1)

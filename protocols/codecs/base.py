@@ -102,8 +102,9 @@ def unpack(payload: bytes, max_bytes: int) -> Container:
         ]
         codec, codec_version = str(header["codec"]), int(header["codec_version"])
         extra = dict(header.get("extra", {}))
-    except (ValueError, KeyError, TypeError) as e:
-        raise CodecError(f"update header is malformed: {e}") from None
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError, AttributeError) as e:
+        # Infinity in a shape, deeply nested JSON, a list where a dict belongs: all a malformed header
+        raise CodecError(f"update header is malformed: {type(e).__name__}") from None
     names = set()
     for t in tensors:
         if t.name in names:
@@ -111,7 +112,7 @@ def unpack(payload: bytes, max_bytes: int) -> Container:
         names.add(t.name)
         if t.dtype not in DTYPES:
             raise CodecError(f"tensor {t.name!r} has unsupported dtype {t.dtype!r}")
-        if any(s < 0 for s in t.shape) or len(t.shape) > 8 or t.numel > max_bytes:
+        if len(t.shape) > 8 or any(s < 0 for s in t.shape) or t.numel > max_bytes:
             raise CodecError(f"tensor {t.name!r} has an impossible shape {t.shape}")
     return Container(codec, codec_version, tensors, payload[_PREFIX.size + hlen : -_DIGEST], extra)
 
