@@ -33,9 +33,8 @@ from protocols.config import RunConfig, config_from_json
 
 log = logging.getLogger("fedadapt.run_dir")
 
-# run directories this process holds (resolved path -> the locked file descriptor); the OS drops the
-# locks when the process ends, however it ends, so a crash leaves no stale lock
-_HELD: dict[Path, int] = {}
+# run directories this process holds: resolved path -> [locked file descriptor, holds not yet released]
+_HELD: dict[Path, list[int]] = {}
 
 
 class RunDirError(RuntimeError):
@@ -84,19 +83,23 @@ class RunDir:
 
         A second coordinator or simulation on the same folder is refused: it would stop the live run's
         Flower run and write the same files. The OS drops the lock when the holder dies, so a crashed run
-        leaves no stale lock. Holding it again in the same process is a no-op."""
+        leaves no stale lock. Within one process holds nest: each ``hold`` needs its ``release``."""
         key = self.path.resolve()
-        if key not in _HELD:
-            try:
-                _HELD[key] = hold_lock(self.lock_file)
-            except LockBusy as e:
-                raise RunDirError(f"run directory {self.path} is in use by process {e.holder}: stop it first") from None
+        if key in _HELD:
+            _HELD[key][1] += 1
+            return self
+        try:
+            _HELD[key] = [hold_lock(self.lock_file), 1]
+        except LockBusy as e:
+            raise RunDirError(f"run directory {self.path} is in use by process {e.holder}: stop it first") from None
         return self
 
     def release(self) -> None:
-        fd = _HELD.pop(self.path.resolve(), None)
-        if fd is not None:
-            os.close(fd)  # closing drops the flock
+        key = self.path.resolve()
+        if key in _HELD:
+            _HELD[key][1] -= 1
+            if _HELD[key][1] <= 0:
+                os.close(_HELD.pop(key)[0])  # closing drops the flock
 
     # ------------------------------------------------------------------ files
     @property

@@ -40,11 +40,6 @@ def run_simulation_for(cfg: RunConfig, *, run_dir=None, backend: str = "ray") ->
 
     The data is checked before a run directory is made; one this call made is removed again if the run
     fails before committing a round (nothing in it to resume). The run directory is locked meanwhile."""
-    from flwr.simulation import run_simulation
-
-    from client_node.app import app as client_app
-    from coordinator.app import make_server_app
-    from coordinator.rounds import RoundFailed
     from coordinator.run_dir import RunDir
     from fedadapt.models import ensure_converted
 
@@ -53,35 +48,45 @@ def run_simulation_for(cfg: RunConfig, *, run_dir=None, backend: str = "ray") ->
         ensure_converted()  # convert once up front, not inside every Ray actor at the same time
     rd = (run_dir or RunDir.create(cfg)).hold()
     try:
-        server_app = make_server_app(cfg, rd, is_simulation=True)
-        threads = cfg.train.threads or (os.cpu_count() or 1)
-        # One client at a time on small machines: each actor gets every core, and torch uses them.
-        backend_config = {
-            "client_resources": {"num_cpus": max(1, os.cpu_count() or 1), "num_gpus": 0.0},
-            "init_args": {"logging_level": logging.ERROR, "log_to_driver": True, "num_cpus": max(1, os.cpu_count() or 1)},
-        }
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        t0 = time.perf_counter()
-        failure = ""
-        try:
-            run_simulation(
-                server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
-                backend_name=backend, backend_config=backend_config,
-            )
-        except RoundFailed as e:
-            failure = str(e)
-        rd.wall_seconds = time.perf_counter() - t0
-        state = rd.state()
-        if state.get("status") != "done":
-            raise SimulationError(f"the simulation stopped after {state.get('completed_rounds', 0)} of {cfg.rounds} rounds: "
-                                  f"{failure or state.get('reason') or 'see the log above'}")
+        _simulate(cfg, rd, backend)
     except BaseException as e:
+        rd.release()
         if run_dir is None and _discard_if_uncommitted(rd) and isinstance(e, SimulationError):
             raise SimulationError(f"{e} (no round was committed, so its run directory was removed)") from None
         raise
-    finally:
-        rd.release()
+    rd.release()
     return rd
+
+
+def _simulate(cfg: RunConfig, rd, backend: str) -> None:
+    from flwr.simulation import run_simulation
+
+    from client_node.app import app as client_app
+    from coordinator.app import make_server_app
+    from coordinator.rounds import RoundFailed
+
+    server_app = make_server_app(cfg, rd, is_simulation=True)
+    threads = cfg.train.threads or (os.cpu_count() or 1)
+    # One client at a time on small machines: each actor gets every core, and torch uses them.
+    backend_config = {
+        "client_resources": {"num_cpus": max(1, os.cpu_count() or 1), "num_gpus": 0.0},
+        "init_args": {"logging_level": logging.ERROR, "log_to_driver": True, "num_cpus": max(1, os.cpu_count() or 1)},
+    }
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    t0 = time.perf_counter()
+    failure = ""
+    try:
+        run_simulation(
+            server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
+            backend_name=backend, backend_config=backend_config,
+        )
+    except RoundFailed as e:  # the ServerApp's error, re-raised by Flower: its message is the whole story
+        failure = str(e)
+    rd.wall_seconds = time.perf_counter() - t0
+    state = rd.state()
+    if state.get("status") != "done":
+        raise SimulationError(f"the simulation stopped after {state.get('completed_rounds', 0)} of {cfg.rounds} rounds: "
+                              f"{failure or state.get('reason') or 'see the log above'}")
 
 
 def _discard_if_uncommitted(rd) -> bool:
@@ -92,6 +97,5 @@ def _discard_if_uncommitted(rd) -> bool:
         return False
     if committed:
         return False
-    rd.release()
     shutil.rmtree(rd.path, ignore_errors=True)
     return True

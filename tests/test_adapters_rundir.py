@@ -87,3 +87,22 @@ def test_new_run_never_overwrites_existing(tmp_path):
     a = RunDir.create(cfg)
     b = RunDir.create(cfg)
     assert a.path != b.path and a.config_file.is_file() and b.config_file.is_file()
+
+
+def test_run_dir_lock_nests_within_a_process_and_refuses_other_holders(tmp_path):
+    from fedadapt.paths import LockBusy, hold_lock
+
+    rd = RunDir.create(RunConfig(output_dir=str(tmp_path), name="r"))
+    rd.hold()
+    rd.hold()
+    rd.release()
+    with pytest.raises(LockBusy):  # another open file (as another process would) is refused while one hold is left
+        hold_lock(rd.lock_file)
+    rd.release()
+    fd = hold_lock(rd.lock_file)
+    with pytest.raises(RunDirError, match=r"in use by process \d+: stop it first"):
+        RunDir.open_existing(rd.path).hold()
+    import os
+
+    os.close(fd)
+    RunDir.open_existing(rd.path).hold().release()
