@@ -124,8 +124,9 @@ def read_examples(path: str | Path, task, *, limit: int = 0, group_field: str = 
                 continue
             try:
                 obj = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
-                msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, a 5,000-digit number, deep nesting
+                msg = e.msg if isinstance(e, json.JSONDecodeError) else ("nested too deeply" if isinstance(e, RecursionError)
+                                                                          else "a number too long to read")
                 raise DataError(f"{where}: bad JSON ({msg}): each line must be one JSON object") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}: one object per line")

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -102,7 +103,5 @@ def test_run_dir_lock_nests_within_a_process_and_refuses_other_holders(tmp_path)
     fd = hold_lock(rd.lock_file)
     with pytest.raises(RunDirError, match=r"in use by process \d+: stop it first"):
         RunDir.open_existing(rd.path).hold()
-    import os
-
     os.close(fd)
     RunDir.open_existing(rd.path).hold().release()

@@ -155,3 +155,4 @@ def test_headers_that_lie_with_a_valid_checksum_are_refused():
                    b'{"codec":"none","codec_version":1,"tensors":[{"name":"a","shape":[1,1,1,1,1,1,1,1,1,1],"dtype":"float32"}]}'):
         with pytest.raises(CodecError):
             get_codec("none").decode(container(header), max_bytes=1 << 20)
+

@@ -188,3 +188,21 @@ def test_scoring_only_response_positions_equals_the_full_softmax(tok):
     want_total, want_count = per_example_token_loss(full, batch["labels"])
     got_total, got_count = scored_token_loss(model, batch)
     assert torch.equal(got_count, want_count) and torch.allclose(got_total, want_total, atol=1e-4)
+
+
+def test_huge_numbers_and_huge_lines_are_one_line_or_bounded(tmp_path, tok):
+    p = tmp_path / "big.jsonl"
+    p.write_text('{"text": "x", "label": ' + "9" * 5000 + "}\n")
+    with pytest.raises(DataError, match="big.jsonl:1: bad JSON"):
+        read_examples(p, build_task(_cfg(), ["a", "b"]))
+    task = build_task(_cfg(), ["a", "b"], tok)
+    huge = task.parse({"text": "word " * 1_000_000, "label": "a"}, "x")  # a 5 MB line
+    seen = []
+    real = task.tokenizer.__class__.__call__
+    task.tokenizer.__class__.__call__ = lambda self, text, *a, **k: (seen.append(len(text)), real(self, text, *a, **k))[1]
+    try:
+        batch = task.collate([huge])
+    finally:
+        task.tokenizer.__class__.__call__ = real
+    assert batch["input_ids"].shape[1] <= task.max_length
+    assert max(seen) < 100 * task.max_length  # cut by characters first: never the 5 MB tokenized whole

@@ -123,7 +123,12 @@ def label_index(label, labels: list[str], index: dict[str, int], where: str) -> 
         return label
     if isinstance(label, str) and label in index:
         return index[label]
-    shown = repr(label) if isinstance(label, (str, int, float, bool)) and len(repr(label)) < 60 else f"a {type(label).__name__}"
+    if isinstance(label, int) and not isinstance(label, bool) and label.bit_length() > 64:
+        shown = "an integer too large to be a class id"
+    elif isinstance(label, (str, int, float, bool)) and len(repr(label)) < 60:
+        shown = repr(label)
+    else:
+        shown = f"a {type(label).__name__}"
     raise DataError(f"{where}: unknown label {shown}: allowed labels are {labels} (set data.labels or fix the line)")
 
 
