@@ -19,7 +19,8 @@ import torch
 from .paths import file_lock, home
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_NAMES = ("smollm2-135m", "tiny-llama")
+MODEL_NAMES = ("smollm2-135m", "tiny-llama", "tiny-qwen2", "tiny-gemma3")
+TINY = ("tiny-llama", "tiny-qwen2", "tiny-gemma3")  # random, seeded, built locally for tests (SmolLM2's tokenizer)
 
 
 class ModelStoreError(RuntimeError):
@@ -111,6 +112,25 @@ def tiny_llama_config():
     )
 
 
+def tiny_config(name: str):
+    """Small random configs of three families (nothing downloaded): Llama, Qwen2, Gemma 3."""
+    if name == "tiny-llama":
+        return tiny_llama_config()
+    common = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=2)
+    if name == "tiny-qwen2":
+        from transformers import Qwen2Config
+
+        return Qwen2Config(**common)
+    if name == "tiny-gemma3":
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(**common, head_dim=8, sliding_window=16,
+                                layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"])
+    raise ModelStoreError(f"unknown tiny model {name!r}")
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
@@ -125,17 +145,17 @@ def load_tokenizer(name: str):
 
 def load_model(name: str, *, seed: int = 0):
     """Load a fresh, trainable float32 copy of ``name`` on the CPU. Returns (model, tokenizer, LoadInfo)."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
     converted = False
     if name == "smollm2-135m":
         path, converted = ensure_converted(name)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    elif name == "tiny-llama":
+    elif name in TINY:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(1234 + seed)  # same weights in every process: the base is shared knowledge
-            model = LlamaForCausalLM(tiny_llama_config())
+            model = AutoModelForCausalLM.from_config(tiny_config(name))
     else:
         raise ModelStoreError(f"unknown model {name!r}: choose one of {list(MODEL_NAMES)}")
     model.eval()

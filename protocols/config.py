@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from fedadapt.tasks import TASKS
 from methods import ALIASES, METHODS
 
-ModelName = Literal["smollm2-135m", "tiny-llama"]
+ModelName = Literal["smollm2-135m", "tiny-llama", "tiny-qwen2", "tiny-gemma3"]
 TrainerName = Literal[tuple([*METHODS, *ALIASES])]  # type: ignore[valid-type]
 TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
 CodecName = Literal["none", "fp16", "int8", "compeft"]
