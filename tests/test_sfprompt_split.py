@@ -472,3 +472,10 @@ def test_config_tls_pair_and_prune_score_are_checked():
     with pytest.raises(ConfigError, match="'el2n' or 'loss'"):
         validate_config({"sfprompt": {"prune_score": "gradnorm"}})
     assert validate_config({"sfprompt": {"tls_cert": "a.pem", "tls_key": "a.key"}}).sfprompt.tls_key == "a.key"
+
+
+def test_pruning_keeps_the_top_fraction_within_each_label():
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.1, 0.2, 0.3])
+    labels = [0, 0, 0, 1, 1, 1]
+    assert prune_indices(scores, 0.3) == [0, 1]  # over all examples: one label only
+    assert prune_indices(scores, 0.3, labels) == [0, 5]  # per label: the hardest of each

@@ -5,7 +5,9 @@ released prompts arrive as ``extra["prompts_json"]``; with ``dpopt.selection = "
 coordinator scores each on its own split (``dpopt.selection_split``, public or coordinator-held data:
 no privacy cost) and keeps the best seen so far; with ``"private"`` each owner has already chosen one
 privately and the coordinator still ranks the owners' choices on its split. Round 0's evaluation is
-the hand-written zero-shot prompt (``data.prompt``), the baseline every released prompt is compared to.
+the hand-written zero-shot prompt (``data.prompt``), the baseline every released prompt is compared to: the
+empty instruction is a candidate in every selection, so the kept prompt is never worse than zero-shot on the
+selection split.
 
 Run directory: ``dpopt/prompts.json`` lists every released prompt with its owner, round, ε, δ and
 selection score; ``dpopt/best_prompt.json`` the kept prompt and the template it is evaluated with.
@@ -57,6 +59,10 @@ class DpoptServer(ServerMethod):
                 candidates.append({"round": round_no, "client": u.client, "prompt": text,
                                    "epsilon": float(u.extra.get("epsilon", u.metrics.get("epsilon", float("nan")))),
                                    "delta": float(u.extra.get("delta", u.metrics.get("delta", float("nan"))))})
+        if self.best is None:
+            # the empty instruction (the hand-written template alone) is a candidate in every selection, so a
+            # release is kept only when it beats zero-shot on the selection split
+            candidates.insert(0, {"round": 0, "client": "(hand-written prompt)", "prompt": "", "epsilon": 0.0, "delta": 0.0})
         if candidates:
             correct = score_prompts(self.model, self.tokenizer, [c["prompt"] for c in candidates], self.selection_rows,
                                     self.labels, self.cfg.data, batch_size=self.cfg.train.eval_batch_size)
@@ -66,7 +72,7 @@ class DpoptServer(ServerMethod):
             top = max(candidates, key=lambda c: c["selection_accuracy"])
             if self.best is None or top["selection_accuracy"] > self.best["selection_accuracy"]:
                 self.best = dict(top)
-        self.released.extend(candidates)
+        self.released.extend(c for c in candidates if c["round"] > 0)
         return {}
 
     def evaluate(self, global_state, progress=None):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from fedadapt.models import load_model
 from .split_model import (
-    PROMPT_KEY, SplitError, SplitLlama, client_step_flops, full_finetune_step_flops,
+    PROMPT_KEY, SplitError, SplitModel, client_step_flops, full_finetune_step_flops,
 )
 from fedadapt.tasks.classify import VerbalizerTask
 from fedadapt.train import batches
@@ -135,7 +135,7 @@ class BodyStream:
 # ---------------------------------------------------------------------------- pruning
 
 
-def example_scores(split: SplitLlama, task: VerbalizerTask, prompt: torch.Tensor, examples, *, score: str,
+def example_scores(split: SplitModel, task: VerbalizerTask, prompt: torch.Tensor, examples, *, score: str,
                    batch_size: int) -> torch.Tensor:
     """Score every example with the local model (head → tail, no body): EL2N or cross-entropy."""
     out = []
@@ -157,8 +157,17 @@ def score_logits(logits: torch.Tensor, labels: torch.Tensor, score: str) -> torc
     raise ValueError(f"unknown sfprompt.prune_score {score!r}: choose el2n or loss")
 
 
-def prune_indices(scores: torch.Tensor, keep: float) -> list[int]:
-    """Indices of the ceil(keep · n) highest-scoring examples (ties broken by position), in order."""
+def prune_indices(scores: torch.Tensor, keep: float, labels: list[int] | None = None) -> list[int]:
+    """Indices of the ceil(keep · n) highest-scoring examples (ties broken by position), in order; with
+    ``labels``, the top fraction *within each label*. Over all examples, a near-constant local model's EL2N
+    is a label filter (it keeps the class it gets wrong): round 1 kept 9% positives of an owner holding 55%,
+    and the merged model then predicted one class almost everywhere."""
+    if labels is not None:
+        out: list[int] = []
+        for lab in sorted(set(labels)):
+            idx = [i for i, y in enumerate(labels) if y == lab]
+            out += [idx[j] for j in prune_indices(scores[idx], keep)]
+        return sorted(out)
     n = scores.numel()
     k = min(n, max(1, math.ceil(keep * n)))
     order = torch.sort(scores, descending=True, stable=True).indices[:k]
@@ -167,16 +176,16 @@ def prune_indices(scores: torch.Tensor, keep: float) -> list[int]:
 
 # ---------------------------------------------------------------------------- the trainer
 
-_SPLITS: dict[tuple, tuple[SplitLlama, object]] = {}
+_SPLITS: dict[tuple, tuple[SplitModel, object]] = {}
 
 
-def split_model_for(cfg) -> tuple[SplitLlama, object]:
-    """(SplitLlama, tokenizer) for this run's model and split, built once per process."""
+def split_model_for(cfg) -> tuple[SplitModel, object]:
+    """(SplitModel, tokenizer) for this run's model and split, built once per process."""
     s = cfg.sfprompt
     key = (cfg.model, cfg.seed, s.head_layers, s.tail_layers)
     if key not in _SPLITS:
         model, tok, _ = load_model(cfg.model, seed=cfg.seed)
-        _SPLITS[key] = (SplitLlama(model, s.head_layers, s.tail_layers), tok)
+        _SPLITS[key] = (SplitModel(model, s.head_layers, s.tail_layers), tok)
     return _SPLITS[key]
 
 
@@ -242,7 +251,7 @@ def train(ctx: TrainContext) -> TrainResult:
         scores = example_scores(split, task, prompt.detach(), ctx.examples, score=s.prune_score, batch_size=cfg.train.eval_batch_size)
         for start in range(0, len(ctx.examples), cfg.train.eval_batch_size):
             count(task.encode([e.text for e in ctx.examples[start : start + cfg.train.eval_batch_size]]), train=False)
-        kept = [ctx.examples[i] for i in prune_indices(scores, s.prune_keep)]
+        kept = [ctx.examples[i] for i in prune_indices(scores, s.prune_keep, [e.label for e in ctx.examples])]
     else:
         kept = list(ctx.examples)
 
