@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client_node.faults import FAULTS, apply_fault, fault_for
-from client_node.node import handle_round
 from coordinator.app import GridTransport
 from coordinator.rounds import Coordinator
 from coordinator.run_dir import RunDir
@@ -21,40 +20,36 @@ from protocols.codecs import CodecError, get_codec
 from protocols.config import apply_overrides, validate_config
 from protocols.messages import MessageError, RoundInstruction, UpdateEnvelope
 
+from .test_rounds import LocalTransport
 
-class WireTransport:
-    """In-process nodes whose replies cross a record boundary, as over Flower; node ``hostile`` runs a drill."""
 
-    def __init__(self, n, hostile=None, kind="", drop=()):
-        self.states = {i: {} for i in range(n)}
-        self.hostile, self.kind, self.drop = hostile, kind, set(drop)
-        self.honest = []  # (num_examples, decoded delta) of every honest reply, to recompute their merge
+class _Reply:
+    """The shape of a Flower reply that GridTransport reads."""
 
-    def node_ids(self):
-        return list(self.states)
+    def __init__(self, record):
+        self.content = {"update": record}
 
-    def run_round(self, instructions, timeout, on_reply):
-        out = {}
-        for node, instr in instructions.items():
-            if node in self.drop:
-                out[node] = "dropped"
-                continue
-            node_cfg = {"partition-id": node, "num-partitions": len(self.states)}
-            env = handle_round(instr, node_cfg, self.states[node])
-            if node != self.hostile:
-                self.honest.append((env.num_examples, get_codec("none").decode(env.payload)))
-            rec = apply_fault(env.to_record(), self.kind if node == self.hostile else "")
+    @staticmethod
+    def has_error():
+        return False
 
-            class Reply:  # the shape GridTransport reads
-                content = {"update": rec}
 
-                @staticmethod
-                def has_error():
-                    return False
+def wire_transport(n, hostile, kind):
+    """In-process nodes whose replies cross a record boundary as over Flower; node ``hostile`` runs the drill.
+    ``transport.honest`` collects (num_examples, decoded delta) of every honest reply."""
 
-            out[node] = GridTransport._unwrap(Reply, 1 << 24)
-            on_reply(node)
-        return out
+    def crossing(node):
+        def through_the_wire(env):
+            if node != hostile:
+                transport.honest.append((env.num_examples, get_codec("none").decode(env.payload)))
+            record = apply_fault(env.to_record(), kind if node == hostile else "")
+            return GridTransport._unwrap(_Reply(record), 1 << 24)
+
+        return through_the_wire
+
+    transport = LocalTransport(n, tamper={i: crossing(i) for i in range(n)})
+    transport.honest = []
+    return transport
 
 
 def _cfg(tiny_cfg, *overrides):
@@ -76,7 +71,7 @@ def test_one_hostile_node_is_refused_by_name_and_the_merge_is_the_honest_one(tin
     rd = RunDir.create(cfg)
     coordinator = Coordinator(cfg, rd)
     initial = coordinator.method.initial_global()
-    wire = WireTransport(3, hostile=2, kind=kind)
+    wire = wire_transport(3, hostile=2, kind=kind)
     coordinator.run(wire)
     assert rd.state()["status"] == "done" and rd.state()["completed_rounds"] == 1
     clients = [m for m in rd.metrics if m["kind"] == "client"]
