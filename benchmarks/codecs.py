@@ -223,7 +223,7 @@ def write_section(path: Path, cfg, args, zero, size_rows, results, bench, wall, 
         "",
         f"Setting: {cfg.model}, {cfg.data.dataset}, {cfg.federation.num_clients} IID clients, {cfg.rounds} rounds × "
         f"{cfg.train.local_steps} local steps (batch {cfg.train.batch_size}, lr {cfg.train.lr:g}), LoRA r={cfg.lora.r} on "
-        f"{'/'.join(cfg.lora.target_modules)}, accuracy on the first {n_eval} rows of {cfg.data.eval_split} "
+        f"{'/'.join(cfg.lora.target_modules or ['peft defaults'])}, accuracy on the first {n_eval} rows of {cfg.data.eval_split} "
         f"(one standard error ≈ {se:.1f} pts). The demo runs 3 rounds × 8 steps on 500 rows; this grid is reduced "
         f"to fit the machine's CPU budget. Merger defaults: scaling λ={cfg.merge.scaling:g}, "
         f"density {cfg.merge.density:g} (ties/dare-ties), pcb_ratio {cfg.merge.pcb_ratio:g}; "

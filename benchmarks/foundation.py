@@ -97,7 +97,7 @@ def main() -> None:
         "",
         f"Setting: {cfg.model}, {cfg.data.dataset} ({cfg.data.partitioner}), {cfg.federation.num_clients} simulated data "
         f"owners × {cfg.rounds} rounds × {cfg.train.local_steps} local steps, batch {cfg.train.batch_size}, LoRA r={cfg.lora.r} "
-        f"on {'/'.join(cfg.lora.target_modules)}, evaluation on {int(evals[0]['examples'])} rows of the {cfg.data.eval_split} "
+        f"on {'/'.join(cfg.lora.target_modules or ['peft defaults'])}, evaluation on {int(evals[0]['examples'])} rows of the {cfg.data.eval_split} "
         f"split. Flower simulation (Ray), clients sequential, torch threads = {torch.get_num_threads()}. "
         f"Whole simulation: {sim_wall:.0f} s.",
         "",

@@ -12,21 +12,16 @@ def cmd_status(args) -> int:
     """Also a health check: a damaged run directory is one line saying how to go on, and exit code 2."""
     from pathlib import Path
 
+    from rich.markup import escape
+
+    from .report import header_figures
     from .rounds import console, print_summary
     from .run_dir import RunDir
 
     rd = RunDir.open_existing(Path(args.run_dir).expanduser().absolute())
-    cfg, st, metrics = rd.config(), rd.check(), rd.metrics
-    clients = sorted({m.get("client") for m in metrics if m.get("kind") == "client" and m.get("client")})
-    up = sum(m.get("bytes_received", 0) for m in metrics if m.get("kind") == "client")
-    down = sum(m.get("bytes_sent", 0) for m in metrics if m.get("kind") == "client")
-    evals = [m for m in metrics if m.get("kind") == "eval"]
-    console.print(f"[bold]{rd.path}[/]: {st.get('status')}, {st.get('completed_rounds', 0)}/{cfg.rounds} rounds done")
-    console.print(f"clients seen: {len(clients)} ({', '.join(clients) if clients else '-'})")
-    console.print(f"bytes: {up:,} received from clients, {down:,} sent to clients")
-    primary = next((m["primary"] for m in evals if "primary" in m), "accuracy")
-    if evals and all(isinstance(m.get(primary), (int, float)) for m in (evals[0], evals[-1])):
-        console.print(f"{primary}: zero-shot {evals[0][primary]:.4f} → latest {evals[-1][primary]:.4f}")
+    cfg, st = rd.config(), rd.check()
+    for label, text in header_figures(rd, cfg, st):  # the same figures as the header of report.html
+        console.print(f"[bold]{label}:[/] {escape(text)}")
     print_summary(rd)
     return 0
 

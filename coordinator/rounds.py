@@ -155,7 +155,10 @@ class Coordinator:
             self.method.close()  # e.g. stop the SFPrompt body service, also when a round fails
 
     def _run(self, transport: Transport) -> list[dict]:
+        from .report import budget_refusal, instruction_bytes, write_report_safely
+
         cfg, rd = self.cfg, self.run_dir
+        stopped = None  # the reason the communication budget ended the run early
         done, global_state = rd.resume_point()
         if global_state is None:
             global_state = self.method.initial_global()
@@ -184,6 +187,14 @@ class Coordinator:
                     chosen = sample_nodes(nodes, fed.clients_per_round, cfg.seed, r)
                 payload = get_codec("none").encode(global_state)
                 instr = self.instruction(r, payload)
+                # federation.max_total_mb: a round whose estimated traffic would pass the budget is not started. The
+                # estimate counts the public sample size (never the secret Poisson sample of client-level DP).
+                stopped = budget_refusal(rd.metrics, fed.max_total_mb, r, instruction_bytes(instr),
+                                         len(sample_nodes(nodes, fed.clients_per_round, cfg.seed, r)))
+                if stopped:
+                    rd.mark("stopped", reason=stopped, stopped_before_round=r)
+                    log.warning("stopping before round %d: %s", r, stopped)
+                    break
                 clients_task = progress.add_task(f"round {r}: clients", total=len(chosen))
                 replies = transport.run_round(
                     {n: instr for n in chosen}, self.round_timeout(len(chosen)), lambda _n: progress.advance(clients_task)
@@ -206,8 +217,10 @@ class Coordinator:
                     except ValueError as e:
                         rd.mark("failed", reason=str(e))
                         raise RoundFailed(str(e)) from None
+                stream = getattr(outcome, "stream", None)  # set by _collect: every accepted update already folded in
                 try:
-                    global_state = self.method.aggregate(r, global_state, outcome.accepted, merger, cfg.merge)
+                    global_state = self.method.aggregate(r, global_state, outcome.accepted,
+                                                         merger if stream is None else stream, cfg.merge)
                 except BudgetExceeded as e:
                     rd.mark("failed", reason=str(e))
                     raise RoundFailed(f"round {r}: client-level privacy budget spent: {e}") from None
@@ -223,11 +236,14 @@ class Coordinator:
                 self._save_samples(r)
                 self.method.save_artifacts(rd, global_state)
                 rd.commit_round(r, global_state)
+                write_report_safely(rd.path)  # report.html after every committed round; a failure is one warning
                 progress.advance(rounds_task)
                 console.print(
                     f"round {r}: {metrics_line(ev)}  ({len(outcome.accepted)} clients, {time.perf_counter() - t_round:.1f}s)"
                 )
-        rd.mark("done")
+        if not stopped:
+            rd.mark("done")
+        write_report_safely(rd.path)
         self.print_summary()
         return rd.metrics
 
@@ -236,7 +252,19 @@ class Coordinator:
         being decoded) is refused with its reason in the log and the metrics; the round goes on."""
         out = RoundOutcome(r)
         records = []
-        for node, env in sorted(replies.items()):
+        # Streaming merge: where the merger can, each accepted delta is folded into the merge as it is decoded and
+        # its tensors dropped (the ClientUpdate keeps the metadata, delta {}), so the coordinator holds O(model),
+        # not O(owners × model). The list path stays for what needs every update at once: client-level DP's
+        # merger, a method with its own aggregate (SFPrompt, DP-OPT), merge.lora_space = "product".
+        from coordinator.mergers import get_streaming_merger
+        from methods.base import ServerMethod
+
+        stream = None
+        if self.client_dp is None and type(self.method).aggregate is ServerMethod.aggregate:
+            stream = get_streaming_merger(self.cfg.merger, self.cfg.merge, spill_dir=self.run_dir.path)
+        out.stream = stream
+        for node in sorted(replies):  # one reply at a time: a transport may hand them over lazily
+            env = replies[node]
             base = {"kind": "client", "round": r, "node_id": int(node)}
             if isinstance(env, str):
                 out.rejected[str(node)] = env
@@ -262,6 +290,8 @@ class Coordinator:
                 limit = self.cfg.merge.max_update_norm
                 if limit and norm > limit:
                     raise CodecError(f"update L2 norm {norm:.4g} is above merge.max_update_norm={limit:g}")
+                if stream is not None:  # checks names and shapes before it folds anything in
+                    stream.add(ClientUpdate(delta=delta, num_examples=env.num_examples, client=name))
             except Exception as e:  # noqa: BLE001  (CodecError, or anything a hostile payload provokes)
                 reason = str(e) if isinstance(e, CodecError) else f"undecodable update ({type(e).__name__})"
                 out.rejected[name] = reason
@@ -271,8 +301,9 @@ class Coordinator:
             raw = sum(t.numel() * 4 for t in delta.values())
             rec["compression_ratio"] = raw / max(len(env.payload), 1)
             rec["update_norm"] = norm
-            out.accepted.append(ClientUpdate(delta=delta, num_examples=env.num_examples, client=name,
-                                             metrics=dict(env.metrics), extra=dict(env.extra)))
+            out.accepted.append(ClientUpdate(delta=delta if stream is None else {}, num_examples=env.num_examples,
+                                             client=name, metrics=dict(env.metrics), extra=dict(env.extra)))
+            del delta
             records.append(rec)
         self.run_dir.append_metrics(*records)
         return out

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("simulate", "run a local multi-node simulation"),
                         ("coordinator", "the model owner's commands"), ("client", "a data owner's commands"),
-                        ("privacy", "privacy reports and audits"), ("merge", "merge PEFT adapters offline")):
+                        ("privacy", "privacy reports and audits"), ("merge", "merge PEFT adapters offline"),
+                        ("report", "write RUN_DIR/report.html: the run on one self-contained page")):
         d = sub.add_parser(name, help=help_, add_help=False)
         d.add_argument("rest", nargs=argparse.REMAINDER)
         d.set_defaults(func=None, delegate=name)
@@ -79,6 +80,7 @@ DELEGATES = {
     "client": "client_node.cli:main",
     "privacy": "privacy.cli:main",
     "merge": "coordinator.merge_cli:main",
+    "report": "coordinator.report:main",
 }
 
 

@@ -15,6 +15,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .models import model_device, to_device
+
 
 def batches(examples: Sequence, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[list]:
     """``steps`` batches sampled by reshuffled passes over the examples (a client's local epochs)."""
@@ -75,7 +77,7 @@ def train_steps(model, params: list[torch.nn.Parameter], task, examples: Sequenc
                     session.empty_step()  # an empty Poisson batch is still a DP step: the update is noise
                     empty += 1
                     continue
-                batch = task.collate([examples[i] for i in idx])
+                batch = to_device(task.collate([examples[i] for i in idx]), model_device(model))
                 loss = session.loss(task, batch) if dp is not None else task.loss(session.model, batch)
                 loss.backward()
                 session.optimizer.step()

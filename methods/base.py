@@ -96,9 +96,14 @@ class ServerMethod:
         return {k: global_state[k] + merged[k].to(global_state[k].dtype) for k in global_state}
 
     def aggregate(self, round_no: int, global_state: dict[str, torch.Tensor], updates: list, merger, merge_cfg) -> dict[str, torch.Tensor]:
-        """Combine accepted client updates into the next global state (default: merge deltas, add)."""
-        from coordinator.mergers import merge_updates  # merge.lora_space decides A/B vs ΔW = BA
+        """Combine accepted client updates into the next global state (default: merge deltas, add).
 
+        ``merger`` may be a ``StreamingMerger`` the coordinator already fed every accepted update as it arrived
+        (``updates`` then carry metadata only, their deltas empty): its result is the merged delta."""
+        from coordinator.mergers import StreamingMerger, merge_updates  # merge.lora_space decides A/B vs ΔW = BA
+
+        if isinstance(merger, StreamingMerger):
+            return self.apply_update(global_state, merger.result())
         return self.apply_update(global_state, merge_updates(merger, updates, merge_cfg, global_state))
 
     def round_extra(self, round_no: int) -> dict[str, Any]:

@@ -11,14 +11,26 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator,
+                      model_validator)
 
+from fedadapt.models import ModelStoreError, check_device_name, check_model_ref, placement_problem
 from fedadapt.tasks import TASKS
 from methods import ALIASES, METHODS
 
-ModelName = Literal["smollm2-135m", "tiny-llama", "tiny-qwen2", "tiny-gemma3"]
+
+
+def _model_ref(v: str) -> str:
+    try:
+        return check_model_ref(v)
+    except ModelStoreError as e:
+        raise ValueError(str(e)) from None
+
+
+# a store name (fedadapt.models.MODEL_NAMES) or a path: a save_pretrained folder or a .gguf file (kept absolute)
+ModelName = Annotated[str, AfterValidator(_model_ref)]
 TrainerName = Literal[tuple([*METHODS, *ALIASES])]  # type: ignore[valid-type]
 TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
 CodecName = Literal["none", "fp16", "int8", "compeft"]
@@ -68,6 +80,9 @@ class FederationConfig(_Section):
     min_available_clients: int = Field(0, ge=0)
     round_timeout_s: float = Field(900.0, gt=0)  # deployment: per round; simulation: per client (sequential)
     wait_for_clients_s: float = Field(300.0, gt=0)
+    # Communication budget in MB (10^6 bytes) up + down over the whole run; 0 = no limit. A round whose
+    # estimated traffic (the previous round's) would pass it is not started: the run stops (see docs/report.md).
+    max_total_mb: float = Field(0.0, ge=0)
     # Deployment (`coordinator serve`); the simulation ignores these.
     host: str = "127.0.0.1"  # where the SuperLink listens; "0.0.0.0" to accept other machines
     port: int = Field(9092, ge=1, le=65535)  # the SuperLink's one HTTP port (Fleet, Control, Runtime APIs)
@@ -78,6 +93,16 @@ class FederationConfig(_Section):
     startup_timeout_s: float = Field(60.0, gt=0)  # SuperLink start / registration
     # simulation fault drills: {"<partition index>" = "<kind>"} (see client_node/faults.py), e.g. {"2" = "nan-update"}
     faults: dict[str, str] = Field(default_factory=dict)
+    # simulation: the GPU share of each virtual client when CUDA is present (0 = none: clients run on the CPU);
+    # 0.25 lets four clients share one GPU at once. Above 1 it must be a whole number of GPUs.
+    gpus_per_client: float = Field(0.0, ge=0, le=64)
+
+    @field_validator("gpus_per_client")
+    @classmethod
+    def _gpu_share(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError("above 1 must be a whole number of GPUs (a fraction only below 1, e.g. 0.5)")
+        return v
 
 
 class TrainConfig(_Section):
@@ -87,6 +112,13 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     eval_batch_size: int = Field(32, ge=1)
     threads: int = Field(0, ge=0)  # torch threads per process; 0 = all cores
+    device: str = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N", "mps"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on a GPU that supports it, fp32 otherwise
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        return check_device_name(v)
 
 
 class CompressionConfig(_Section):
@@ -128,6 +160,7 @@ class _RunConfigCore(_Section):
     name: str = "run"
     seed: int = 0
     model: ModelName = "smollm2-135m"
+    model_quantization: Literal[0, 4] = 0  # 4: the base model in 4-bit (bitsandbytes NF4, QLoRA); CUDA only
     task: TaskName = "classify"  # classify (label words), instruct (responses), lm (raw text)
     trainer: TrainerName = "lora"
     codec: CodecName = "none"
@@ -191,6 +224,16 @@ class _RunConfigCore(_Section):
             raise ValueError(f"privacy.client_level clips tensor updates; trainer {self.trainer!r} sends none: turn it off")
         if self.data.partitioner == "field" and not self.data.field:
             raise ValueError("data.partitioner = \"field\" needs data.field, the JSON field naming each row's owner (e.g. \"label\")")
+        if self.model_quantization:
+            if self.trainer != "lora":
+                raise ValueError(f"model_quantization = {self.model_quantization} (QLoRA) works with trainer \"lora\" only, "
+                                 f"not {self.trainer!r}: set model_quantization = 0")
+            if self.privacy.mode == "dp-sgd":
+                raise ValueError("model_quantization = 4 with privacy.mode = \"dp-sgd\" is refused (DP-SGD on a 4-bit "
+                                 "base is unverified): set model_quantization = 0 (bf16 works with DP-SGD)")
+        problem = placement_problem(self.train.device, self.model_quantization)
+        if problem:
+            raise ValueError(problem)
         if self.data.partitioner == "dirichlet" and self.task == "lm":
             raise ValueError("data.partitioner = \"dirichlet\" splits by label and task \"lm\" reads none: use \"iid\" or \"field\"")
         return self

@@ -41,11 +41,11 @@ def run_simulation_for(cfg: RunConfig, *, run_dir=None, backend: str = "ray") ->
     The data is checked before a run directory is made; one this call made is removed again if the run
     fails before committing a round (nothing in it to resume). The run directory is locked meanwhile."""
     from coordinator.run_dir import RunDir
-    from fedadapt.models import ensure_converted
+    from fedadapt.models import TINY, ensure_converted
 
     check_data(cfg)
-    if cfg.model == "smollm2-135m":
-        ensure_converted()  # convert once up front, not inside every Ray actor at the same time
+    if cfg.model not in TINY:
+        ensure_converted(cfg.model)  # convert once up front, not inside every Ray actor at the same time
     rd = (run_dir or RunDir.create(cfg)).hold()
     try:
         _simulate(cfg, rd, backend)
@@ -67,9 +67,13 @@ def _simulate(cfg: RunConfig, rd, backend: str) -> None:
 
     server_app = make_server_app(cfg, rd, is_simulation=True)
     threads = cfg.train.threads or (os.cpu_count() or 1)
-    # One client at a time on small machines: each actor gets every core, and torch uses them.
+    # One client at a time on small machines: each actor gets every core, and torch uses them. With CUDA and
+    # federation.gpus_per_client > 0 each actor gets that GPU share (Ray hides the GPU from actors given none,
+    # so they train on the CPU) and the same share of the cores, so 1 / share clients run at once.
+    cores = max(1, os.cpu_count() or 1)
+    gpus = cfg.federation.gpus_per_client if cfg.federation.gpus_per_client and _cuda_available() else 0.0
     backend_config = {
-        "client_resources": {"num_cpus": max(1, os.cpu_count() or 1), "num_gpus": 0.0},
+        "client_resources": {"num_cpus": max(1, int(cores * min(gpus, 1.0))) if gpus else cores, "num_gpus": gpus},
         "init_args": {"logging_level": logging.ERROR, "log_to_driver": True, "num_cpus": max(1, os.cpu_count() or 1)},
     }
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
@@ -87,6 +91,12 @@ def _simulate(cfg: RunConfig, rd, backend: str) -> None:
     if state.get("status") != "done":
         raise SimulationError(f"the simulation stopped after {state.get('completed_rounds', 0)} of {cfg.rounds} rounds: "
                               f"{failure or state.get('reason') or 'see the log above'}")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _discard_if_uncommitted(rd) -> bool:

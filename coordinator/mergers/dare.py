@@ -7,6 +7,9 @@ mergekit's and peft's ``dare_ties``.
 
 The drop masks are random but reproducible: each is drawn from a generator seeded by ``merge.seed``,
 the client, the tensor's name and its content (so a new round's update gets a fresh mask).
+
+What it must hold: the drop is per client, the rest is TIES' election and disjoint mean, so it streams in
+O(M) like ``ties`` (``SignSplitSums``: per entry, sums and counts of the positive and negative values).
 """
 
 from __future__ import annotations
@@ -15,9 +18,7 @@ import hashlib
 
 import torch
 
-from .base import ClientUpdate
-from .task_arithmetic import client_weights, merge_settings
-from .ties import elect_and_merge
+from .base import ClientUpdate, SignSplitSums
 
 
 def mask_generator(seed: int, client: str, name: str, t: torch.Tensor) -> torch.Generator:
@@ -33,17 +34,18 @@ def drop_and_rescale(t: torch.Tensor, density: float, generator: torch.Generator
     return t * keep / density
 
 
+class DareTiesStream(SignSplitSums):
+    name = "dare-ties"
+
+    def _select(self, flat, update, index):
+        if self.cfg.density >= 1:
+            return flat
+        client = update.client or str(index)
+        return self.layout.flatten({
+            name: drop_and_rescale(t.float(), self.cfg.density, mask_generator(self.cfg.seed, client, name, t))
+            for name, t in update.delta.items() if name in self.layout.shapes
+        })
+
+
 def dare_ties(updates: list[ClientUpdate], merge_cfg=None) -> dict[str, torch.Tensor]:
-    if not updates:
-        raise ValueError("dare-ties needs at least one update")
-    cfg = merge_settings(merge_cfg)
-    weights = client_weights(updates)
-    out = {}
-    for name in updates[0].delta:
-        dropped = torch.stack([
-            w * drop_and_rescale(u.delta[name].float(), cfg.density,
-                                 mask_generator(cfg.seed, u.client or str(i), name, u.delta[name]))
-            for i, (w, u) in enumerate(zip(weights, updates))
-        ])
-        out[name] = cfg.scaling * elect_and_merge(dropped)
-    return out
+    return DareTiesStream.merge_all(updates, merge_cfg)

@@ -2,20 +2,31 @@
 
 LoRA A and B are averaged per matrix, as FedIT does; the product of averages differs from the
 average of products (peft issue 3004) — the `product` merge space in the merge config addresses it.
+
+Streams in O(M): one float64 running sum Σ n_i·Δ_i, divided by N at the end.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import ClientUpdate, example_weights
+from .base import ClientUpdate, StreamingMerger
+
+
+class FedAvgStream(StreamingMerger):
+    name = "fedavg"
+    holds = "Σ n_i·Δ_i (float64)"
+    memory = "O(M)"
+
+    def _start(self) -> None:
+        self.sum = torch.zeros(self.layout.size, dtype=torch.float64)
+
+    def _fold(self, flat, factor, update, index):
+        self.sum.add_(flat, alpha=factor)
+
+    def _merged(self):
+        return self.sum / (self.total if self.total > 0 else self.count)
 
 
 def fedavg(updates: list[ClientUpdate], merge_cfg=None) -> dict[str, torch.Tensor]:
-    if not updates:
-        raise ValueError("fedavg needs at least one update")
-    weights = example_weights(updates)
-    return {
-        name: sum(w * u.delta[name].float() for w, u in zip(weights, updates))
-        for name in updates[0].delta
-    }
+    return FedAvgStream.merge_all(updates, merge_cfg)

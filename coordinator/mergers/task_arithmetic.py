@@ -4,26 +4,21 @@ Client weights: every merger here but FedAvg weights client i by w_i = K · n_i 
 examples, N in total), so equal-sized clients get weight 1 and the formulas are exactly the papers'.
 With K equal clients, ``merge.scaling`` = 1/K makes task arithmetic equal to FedAvg; λ = 1 adds the
 clients' updates up, a K-times larger step.
+
+Streams in O(M): one float64 running sum Σ n_i·τ_i, × λ·K/N at the end.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import ClientUpdate, example_weights
+from .base import ClientUpdate, StreamingMerger, example_weights, merge_settings
+
+__all__ = ["TaskArithmeticStream", "client_weights", "merge_settings", "stacked", "task_arithmetic"]
 
 
 def client_weights(updates: list[ClientUpdate]) -> list[float]:
     return [w * len(updates) for w in example_weights(updates)]
-
-
-def merge_settings(merge_cfg):
-    """The run's merge section, or its defaults when a caller (a test, a tool) passes None."""
-    if merge_cfg is None:
-        from protocols.config import MergeConfig
-
-        return MergeConfig()
-    return merge_cfg
 
 
 def stacked(updates: list[ClientUpdate], name: str) -> torch.Tensor:
@@ -32,8 +27,20 @@ def stacked(updates: list[ClientUpdate], name: str) -> torch.Tensor:
     return torch.stack([w * u.delta[name].float() for w, u in zip(weights, updates)])
 
 
+class TaskArithmeticStream(StreamingMerger):
+    name = "task-arithmetic"
+    holds = "Σ n_i·τ_i (float64)"
+    memory = "O(M)"
+
+    def _start(self) -> None:
+        self.sum = torch.zeros(self.layout.size, dtype=torch.float64)
+
+    def _fold(self, flat, factor, update, index):
+        self.sum.add_(flat, alpha=factor)
+
+    def _merged(self):
+        return self.sum * (self.k_weight() * self.cfg.scaling)
+
+
 def task_arithmetic(updates: list[ClientUpdate], merge_cfg=None) -> dict[str, torch.Tensor]:
-    if not updates:
-        raise ValueError("task-arithmetic needs at least one update")
-    lam = merge_settings(merge_cfg).scaling
-    return {name: lam * stacked(updates, name).sum(dim=0) for name in updates[0].delta}
+    return TaskArithmeticStream.merge_all(updates, merge_cfg)

@@ -118,7 +118,7 @@ def scored_token_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     targets = labels[:, 1:]
     keep = (targets != -100).any(0).nonzero().flatten()  # positions whose next token is scored in some row
     if keep.numel() == 0:
-        zero = torch.zeros(labels.shape[0])
+        zero = torch.zeros(labels.shape[0], device=labels.device)
         return zero, zero.long()
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                 logits_to_keep=keep)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import DataError, Example
+from ..models import model_device, to_device
 from .base import Task, group_of, text_field
 
 
@@ -87,7 +88,7 @@ class ClassifyTask(Task):
     # ------------------------------------------------------------------ scoring
     def label_logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=1, use_cache=False)
-        return out.logits[:, -1, self.label_token_ids]
+        return out.logits[:, -1, self.label_token_ids].float()  # a bf16 model's loss is computed in fp32
 
     def per_example_loss(self, model, batch) -> torch.Tensor:
         return F.cross_entropy(self.label_logits(model, batch), batch["labels"], reduction="none")
@@ -101,7 +102,7 @@ class ClassifyTask(Task):
         correct, loss_sum, n = 0, 0.0, 0
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            inputs, labels = self.batch(chunk)
+            inputs, labels = to_device(self.batch(chunk), model_device(model))
             logits = self.label_logits(model, inputs)
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(-1) == labels).sum().item()

@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..data import DataError, Example
+from ..models import model_device, to_device
 from .base import Task, group_of, right_pad, scored_token_loss, text_field
 from .classify import label_index
 
@@ -233,7 +234,7 @@ class InstructTask(Task):
         loss_sum, tokens = 0.0, 0
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            total, count = scored_token_loss(model, self.collate(chunk))
+            total, count = scored_token_loss(model, to_device(self.collate(chunk), model_device(model)))
             loss_sum += total.sum().item()
             tokens += int(count.sum())
             if progress is not None:
@@ -262,7 +263,8 @@ class InstructTask(Task):
             for i, r in enumerate(rows):  # left padding: every prompt ends at the last position
                 ids[i, width - len(r):] = torch.tensor(r)
                 mask[i, width - len(r):] = 1
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.icfg.max_new_tokens,
+            dev = model_device(model)
+            gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=self.icfg.max_new_tokens,
                                  do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id)
             for row in gen[:, width:]:
                 text = tok.decode(row, skip_special_tokens=True)

@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..data import Example
+from ..models import model_device, to_device
 from .base import Task, group_of, per_example_token_loss, right_pad, text_field
 
 
@@ -44,7 +45,7 @@ class LMTask(Task):
         loss_sum, tokens = 0.0, 0
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            batch = self.collate(chunk)
+            batch = to_device(self.collate(chunk), model_device(model))
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             total, count = per_example_token_loss(logits, batch["labels"])
             loss_sum += total.sum().item()

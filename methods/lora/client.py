@@ -7,7 +7,7 @@ example-level DP per data owner, ε charged to the owner's ledger before trainin
 from __future__ import annotations
 
 from fedadapt.adapters import adapter_state, load_adapter_state, sub
-from fedadapt.models import cached_lora_model
+from fedadapt.models import cached_lora_model, placement_of
 from fedadapt.tasks import build_task
 
 from ..base import TrainContext, TrainResult, train_locally
@@ -15,7 +15,7 @@ from ..base import TrainContext, TrainResult, train_locally
 
 def train(ctx: TrainContext) -> TrainResult:
     cfg = ctx.cfg
-    model, tok = cached_lora_model(cfg.model, cfg.lora, seed=cfg.seed)
+    model, tok = cached_lora_model(cfg.model, cfg.lora, seed=cfg.seed, **placement_of(cfg))
     task = build_task(cfg, ctx.labels, tok)
     load_adapter_state(model, ctx.global_state)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedadapt.adapters import adapter_state, load_adapter_state, save_peft_adapter
-from fedadapt.models import cached_lora_model
+from fedadapt.models import cached_lora_model, placement_of
 from fedadapt.partitions import eval_examples
 from fedadapt.tasks import build_task
 
@@ -13,7 +13,7 @@ from ..base import ServerMethod
 class LoraServer(ServerMethod):
     def __init__(self, cfg, labels):
         super().__init__(cfg, labels)
-        self.model, self.tokenizer = cached_lora_model(cfg.model, cfg.lora, seed=cfg.seed)
+        self.model, self.tokenizer = cached_lora_model(cfg.model, cfg.lora, seed=cfg.seed, **placement_of(cfg))
         self.task = build_task(cfg, labels, self.tokenizer)
         self.eval_rows = eval_examples(cfg)
         self._initial = adapter_state(self.model)  # LoRA B = 0: the initial adapter is the base model

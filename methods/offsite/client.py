@@ -16,7 +16,7 @@ import torch
 
 from .emulator import (
     EmulatorError, EmulatorPlan, adapter_layer_state, adapter_parameters, build_emulator_model, decode_emulator,
-    load_adapter_layers, load_lora_state, lora_state, wrap_lora,
+    has_adapter_layers, load_adapter_layers, load_lora_state, lora_state, wrap_lora,
 )
 from fedadapt.models import load_tokenizer
 from fedadapt.paths import atomic_write_bytes, home
@@ -59,13 +59,13 @@ def emulator_for(ctx: TrainContext) -> tuple[object, EmulatorPlan, int]:
     if key in _CACHE:  # built in this process from a payload whose hash was checked
         return (*_CACHE[key], 0)
     tensors, plan, config, received = receive_emulator(ctx.extra)
-    has_adapter_layers = any(k.startswith("model.layers.") for k in tensors)
+    with_adapter_layers = has_adapter_layers(tensors, config)
     model = build_emulator_model(tensors, plan, config, take_ownership=True)
     del tensors
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.offsite.use_lora:
-        if not has_adapter_layers:
+        if not with_adapter_layers:
             raise EmulatorError("offsite.use_lora needs the frozen adapter layers in the emulator: the coordinator built it without them")
         model = wrap_lora(model, plan, cfg.lora, on="emulator", seed=cfg.seed)
     _CACHE[key] = (model, plan)

@@ -60,7 +60,7 @@ class SessionRules:
 
 
 class BodyServicer(split_pb2_grpc.SplitBodyServicer):
-    """Runs ``split.body`` for every open session. ``split`` is a ``methods.sfprompt.split_model.SplitLlama``."""
+    """Runs ``split.body`` for every open session. ``split`` is a ``methods.sfprompt.split_model.SplitModel``."""
 
     def __init__(self, split, rules: SessionRules):
         self.split = split

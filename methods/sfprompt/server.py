@@ -22,7 +22,7 @@ import torch
 from fedadapt.models import load_model
 from fedadapt.partitions import eval_examples
 from fedadapt.paths import atomic_write_json, atomic_write_text
-from .split_model import PROMPT_KEY, SplitLlama
+from .split_model import PROMPT_KEY, SplitModel
 from fedadapt.tasks.classify import VerbalizerTask
 from protocols.split_wire import BODY_ADDRESS_KEY, BODY_CA_KEY, BODY_NAME_KEY
 
@@ -35,7 +35,7 @@ class SFPromptServer(ServerMethod):
         super().__init__(cfg, labels)
         s = cfg.sfprompt
         model, self.tokenizer, _ = load_model(cfg.model, seed=cfg.seed)
-        self.split = SplitLlama(model, s.head_layers, s.tail_layers)
+        self.split = SplitModel(model, s.head_layers, s.tail_layers)
         self.split.freeze_all()  # the body never trains; the tail trains on clients only
         self.task = VerbalizerTask.from_config(self.tokenizer, labels, cfg.data)
         self.eval_rows = eval_examples(cfg)

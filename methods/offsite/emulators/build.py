@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from fedadapt.data import DataError
+from fedadapt.architectures import decoder_layers
 from methods.offsite.emulator import (
-    EmulatorError, EmulatorPlan, build_emulator_model, decode_emulator, encode_emulator, payload_sha256,
-    unique_decoder_params,
+    EmulatorError, EmulatorPlan, adapter_parameters, build_emulator_model, decode_emulator, encode_emulator,
+    has_adapter_layers, payload_sha256, shared_parameters, unique_decoder_params,
 )
 from fedadapt.paths import atomic_write_bytes, atomic_write_json, file_lock, home
 from fedadapt.progress import step_bar
@@ -94,10 +95,8 @@ class EmulatorBundle:
     def model(self, full_model=None):
         """The emulator as a model (adapter layers from ``full_model`` when the payload lacks them)."""
         tensors, plan, config = decode_emulator(self.payload)
-        if full_model is not None and not any(k.startswith("model.layers.") for k in tensors):
-            for f in plan.adapter_full_indices:
-                for name, p in full_model.model.layers[f].named_parameters():
-                    tensors[f"model.layers.{f}.{name}"] = p.detach()
+        if full_model is not None and not has_adapter_layers(tensors, config):
+            tensors.update({k: p.detach() for k, p in adapter_parameters(full_model, plan, on="full").items()})
         return build_emulator_model(tensors, plan, config)
 
 
@@ -162,7 +161,7 @@ def distill(emulator, full_model, plan: EmulatorPlan, batches, *, steps: int, lr
     """
     middle = set()
     params = []
-    for layer in emulator.model.layers[plan.bottom : plan.bottom + len(plan.middle_sources)]:
+    for layer in decoder_layers(emulator)[plan.bottom : plan.bottom + len(plan.middle_sources)]:
         if id(layer) not in middle:
             middle.add(id(layer))
             params.extend(layer.parameters())
@@ -213,17 +212,13 @@ def distill_batches(tokenizer, texts: list[str], spec: "EmulatorSpec") -> list[d
 
 def payload_tensors(emulator, plan: EmulatorPlan, *, include_adapters: bool) -> dict[str, torch.Tensor]:
     """The payload's tensors read back from an emulator model (after distillation changed them)."""
-    out = {"model.embed_tokens.weight": emulator.model.embed_tokens.weight, "model.norm.weight": emulator.model.norm.weight}
-    if not emulator.config.tie_word_embeddings:
-        out["lm_head.weight"] = emulator.lm_head.weight
-    layers = emulator.model.layers
+    out = dict(shared_parameters(emulator))
+    layers = decoder_layers(emulator)
     for pos, src in enumerate(plan.middle_sources):
         for name, p in layers[plan.bottom + pos].named_parameters():
             out[f"middle.{src}.{name}"] = p
     if include_adapters:
-        for f in plan.adapter_full_indices:
-            for name, p in layers[plan.emulator_index(f)].named_parameters():
-                out[f"model.layers.{f}.{name}"] = p
+        out.update(adapter_parameters(emulator, plan, on="emulator"))
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
@@ -237,7 +232,7 @@ def build_emulator(spec: EmulatorSpec, full_model, tokenizer, *, progress=print,
     from methods.offsite.emulator import emulator_tensors
 
     t0 = time.perf_counter()
-    n_layers = full_model.config.num_hidden_layers
+    n_layers = len(decoder_layers(full_model))
     texts = calibration_texts(spec.calibration, spec.calibration_examples, spec.data_root)
     batches = calibration_batches(tokenizer, texts, spec.max_length)
     if similarity is None:
@@ -259,12 +254,14 @@ def build_emulator(spec: EmulatorSpec, full_model, tokenizer, *, progress=print,
                                      on_step=advance)
     payload = encode_emulator(payload_tensors(emulator, plan, include_adapters=spec.include_adapters), plan,
                               full_model.config.to_dict())
-    full_decoder = sum(p.numel() for p in full_model.model.layers.parameters())
+    full_decoder = sum(p.numel() for p in decoder_layers(full_model).parameters())
     emu_decoder = unique_decoder_params(emulator)
     full_bytes = sum(p.numel() * p.element_size() for p in full_model.parameters())
     report = {
         "spec": spec.__dict__, "plan": json.loads(plan.to_json()), "sha256": payload_sha256(payload),
         "depth": plan.depth, "full_layers": n_layers, "unique_middle_layers": len(plan.unique_middle),
+        "model_type": full_model.config.model_type,
+        "layer_types": list(getattr(emulator.config, "layer_types", None) or []),  # each position's kind (its source's)
         "full_decoder_params": full_decoder, "emulator_unique_decoder_params": emu_decoder,
         "decoder_param_ratio": emu_decoder / full_decoder,
         "payload_bytes": len(payload), "full_model_bytes": full_bytes,
@@ -303,13 +300,49 @@ def load_bundle(directory: str | Path) -> EmulatorBundle:
     return EmulatorBundle(plan, payload, payload_sha256(payload), report, d)
 
 
+def payload_names(payload: bytes) -> set[str]:
+    """The tensor names of a safetensors payload, read from its header alone."""
+    import struct
+
+    try:
+        (n,) = struct.unpack_from("<Q", payload)
+        return {k for k in json.loads(payload[8 : 8 + n]) if k != "__metadata__"}
+    except Exception as e:
+        raise EmulatorError(f"emulator payload is not a valid safetensors file ({e})") from None
+
+
+def fits_model(bundle: EmulatorBundle, full_model, *, include_adapters: bool) -> bool:
+    """Whether ``bundle``'s tensors are exactly what ``full_model``'s layout asks for (an emulator cached by an
+    older fedadapt that assumed Llama parameter names for every family does not fit, and is rebuilt)."""
+    from methods.offsite.emulator import adapter_parameters
+
+    plan, layers = bundle.plan, decoder_layers(full_model)
+    if len(layers) != plan.full_layers:
+        return False
+    want = set(shared_parameters(full_model))
+    want |= {f"middle.{f}.{name}" for f in plan.unique_middle for name, _ in layers[f].named_parameters()}
+    if include_adapters:
+        want |= set(adapter_parameters(full_model, plan, on="full"))
+    return payload_names(bundle.payload) == want
+
+
 def cached_emulator(spec: EmulatorSpec, full_model, tokenizer, *, progress=print) -> EmulatorBundle:
     d = home() / "emulators" / "built" / spec.key()
-    if (d / PAYLOAD_FILE).is_file() and (d / REPORT_FILE).is_file():
-        return load_bundle(d)
+
+    def cached() -> EmulatorBundle | None:
+        if not ((d / PAYLOAD_FILE).is_file() and (d / REPORT_FILE).is_file()):
+            return None
+        bundle = load_bundle(d)
+        if fits_model(bundle, full_model, include_adapters=spec.include_adapters):
+            return bundle
+        log.info("the cached emulator in %s does not fit %s's layers (an older build): rebuilding it", d, spec.model)
+        return None
+
+    if (found := cached()) is not None:
+        return found
     with file_lock(home() / "locks" / f"emulator-{spec.key()}.lock"):
-        if (d / PAYLOAD_FILE).is_file() and (d / REPORT_FILE).is_file():
-            return load_bundle(d)
+        if (found := cached()) is not None:
+            return found
         bundle, sim = build_emulator(spec, full_model, tokenizer, progress=progress)
         save_bundle(bundle, sim, d)
     return bundle
