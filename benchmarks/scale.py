@@ -304,9 +304,12 @@ def write_report(results: list[dict], wall: float) -> None:
         goals.append(f"- FedAvg coordinator memory at 1,000 owners ≤ 1.5× that at 10 (codec none, lazy transport): "
                      f"{mib(f1k['peak_rss'])} vs {mib(f10['peak_rss'])} MiB = {ratio:.2f}× — "
                      f"{'met' if ratio <= 1.5 else 'not met'}.")
-        goals.append(f"- a 1,000-owner FedAvg round's coordinator work ≤ 10 s: {f1k['coordinator_s']:.1f} s (codec none), "
-                     + (f"{get('fedavg', 'compeft', 1000)['coordinator_s']:.1f} s (compeft)" if get("fedavg", "compeft", 1000) else "")
-                     + f" — {'met' if f1k['coordinator_s'] <= 10 else 'not met'}.")
+        c1k = get("fedavg", "compeft", 1000)
+        goals.append(f"- a 1,000-owner FedAvg round's coordinator work ≤ 10 s: codec none {f1k['coordinator_s']:.1f} s wall, "
+                     f"{f1k['cpu_s']:.1f} s CPU"
+                     + (f"; compeft {c1k['coordinator_s']:.1f} s wall, {c1k['cpu_s']:.1f} s CPU" if c1k else "")
+                     + f" — {'met' if f1k['coordinator_s'] <= 10 else ('met in CPU time, not in wall time on this loaded machine' if f1k['cpu_s'] <= 10 else 'not met')}"
+                     + " (codec none).")
     b10, b1k = get("fedavg", "none", 10, "stream", "buffered"), get("fedavg", "none", 1000, "stream", "buffered")
     l1k = get("fedavg", "none", 1000, "list", "buffered")
     if b10 and b1k:
@@ -334,18 +337,23 @@ def plot(ok: list[dict]) -> None:
     except ImportError:
         return
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = dict(zip(MERGERS, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]))
     keys = sorted({(r["merger"], r["codec"], r["path"], r["transport"]) for r in ok})
     for key in keys:
         rs = sorted((r for r in ok if (r["merger"], r["codec"], r["path"], r["transport"]) == key), key=lambda r: r["owners"])
         if len(rs) < 2:
             continue
         m, c, path, tr = key
-        style = "-" if (path, tr) == ("stream", "lazy") else "--"
-        name = f"{m}/{c}" + ("" if style == "-" else f" ({path}, {tr})")
+        if (path, tr) == ("stream", "lazy"):
+            style = dict(color=colors[m], linestyle="-" if c == "none" else ":", marker="o" if c == "none" else "s")
+            name = f"{m} / {c}"
+        else:
+            style = dict(color="black" if path == "list" else "gray", linestyle="--", marker="x")
+            name = f"{m} / {c} ({path}, {tr})"
         xs = [r["owners"] for r in rs]
-        ax_t.plot(xs, [max(r["coordinator_s"], 1e-3) for r in rs], style, marker="o", label=name)
-        ax_m.plot(xs, [r["peak_rss"] / 2**20 for r in rs], style, marker="o", label=name)
-    for ax, title in ((ax_t, "coordinator round time (s)"), (ax_m, "coordinator peak RSS (MiB)")):
+        ax_t.plot(xs, [max(r["cpu_s"], 1e-3) for r in rs], label=name, **style)
+        ax_m.plot(xs, [r["peak_rss"] / 2**20 for r in rs], label=name, **style)
+    for ax, title in ((ax_t, "coordinator CPU time per round (s)"), (ax_m, "coordinator peak RSS (MiB)")):
         ax.set_xscale("log")
         ax.set_xlabel("data owners per round")
         ax.set_title(title)

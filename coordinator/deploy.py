@@ -382,7 +382,9 @@ def _serve(cfg: RunConfig, rd: RunDir, resume: str | None, echo) -> RunDir:
         dep.stop()
         restore_handlers(old)
     state = RunDir.open_existing(rd.path).state()
-    if state.get("status") != "done":
+    if state.get("status") == "stopped":  # the communication budget ended it cleanly: say so, no error
+        err.print(f"[yellow]run stopped[/] after {state.get('completed_rounds', 0)} of {cfg.rounds} rounds: {state.get('reason', '')}")
+    elif state.get("status") != "done":
         reason = state.get("reason") or (dep.submit.tail(5) if dep.submit else "")
         raise DeployError(f"the run stopped after {state.get('completed_rounds', 0)} of {cfg.rounds} rounds "
                           f"({state.get('status')}): {reason}; see {rd.path / 'logs'}; continue with "

@@ -88,7 +88,10 @@ def _simulate(cfg: RunConfig, rd, backend: str) -> None:
         failure = str(e)
     rd.wall_seconds = time.perf_counter() - t0
     state = rd.state()
-    if state.get("status") != "done":
+    if state.get("status") == "stopped":  # a clean, deliberate end (the communication budget): not an error
+        logging.getLogger("fedadapt").warning("run stopped after %s of %s rounds: %s", state.get("completed_rounds", 0),
+                                              cfg.rounds, state.get("reason", ""))
+    elif state.get("status") != "done":
         raise SimulationError(f"the simulation stopped after {state.get('completed_rounds', 0)} of {cfg.rounds} rounds: "
                               f"{failure or state.get('reason') or 'see the log above'}")
 

@@ -236,13 +236,7 @@ def test_two_node_round(name, method, tmp_path, data_root):
         "data.eval_examples=8", "data.max_train_examples=8", "data.max_length=32", "train.local_steps=1",
         "train.batch_size=4", *RUNS[method]])
     rd = RunDir.create(cfg)
-    coord = Coordinator(cfg, rd, is_simulation=True)
-    try:
-        coord.run(LocalTransport(2))
-    finally:
-        close = getattr(coord.method, "close", None)
-        if close is not None:
-            close()
+    Coordinator(cfg, rd, is_simulation=True).run(LocalTransport(2))  # closes the method (SFPrompt's body service)
     clients = [m for m in rd.metrics if m["kind"] == "client"]
     assert [c["status"] for c in clients] == ["ok", "ok"], clients
     evals = [m for m in rd.metrics if m["kind"] == "eval"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import threading
+from collections import Counter
 
 import pytest
 import torch
@@ -167,11 +168,14 @@ def test_server_never_receives_tokens_or_labels(body, tiny_cfg, data_root):
     body.servicer.seen.clear()
     res = train(_ctx(tiny_cfg, body.address(), examples))
     assert res.status == "ok", res.reason
-    assert res.metrics["kept_examples"] == 16 and res.metrics["split_steps"] == 2  # 32 · 0.5 / batch 8
+    # the top half within each label (rounded up per label), in batches of 8
+    kept = sum(-(-n // 2) for n in Counter(e.label for e in examples).values())
+    steps = -(-kept // 8)
+    assert res.metrics["kept_examples"] == kept and res.metrics["split_steps"] == steps
     assert set(res.update) == {PROMPT_KEY} | {k for k in res.update if k.startswith("tail.")}
     seen = body.servicer.seen
     kinds = [m.WhichOneof("kind") for m in seen]
-    assert kinds == ["open", "forward", "backward", "forward", "backward", "close"]
+    assert kinds == ["open"] + ["forward", "backward"] * steps + ["close"]
     _, tok = make_split()
     token_ids = {i for e in examples for i in tok(e.text)["input_ids"]}
     for m in seen:
