@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import ClientUpdate, StreamingMerger, example_weights, merge_settings
+from .base import ClientUpdate, example_weights, merge_settings
+from .fedavg import FedAvgStream
 
 __all__ = ["TaskArithmeticStream", "client_weights", "merge_settings", "stacked", "task_arithmetic"]
 
@@ -27,16 +28,11 @@ def stacked(updates: list[ClientUpdate], name: str) -> torch.Tensor:
     return torch.stack([w * u.delta[name].float() for w, u in zip(weights, updates)])
 
 
-class TaskArithmeticStream(StreamingMerger):
+class TaskArithmeticStream(FedAvgStream):
+    """FedAvg's running sum Σ n_i·τ_i; only the final scale differs (λ·K/N instead of 1/N)."""
+
     name = "task-arithmetic"
     holds = "Σ n_i·τ_i (float64)"
-    memory = "O(M)"
-
-    def _start(self) -> None:
-        self.sum = torch.zeros(self.layout.size, dtype=torch.float64)
-
-    def _fold(self, flat, factor, update, index):
-        self.sum.add_(flat, alpha=factor)
 
     def _merged(self):
         return self.sum * (self.k_weight() * self.cfg.scaling)
