@@ -5,12 +5,13 @@ tail (the last ``tail_layers`` blocks, the final norm, the label rows of the LM 
 holds the body. A round, as in the paper:
 
 1. local-loss updates: ``local_loss_steps`` AdamW steps of prompt + tail on head → tail directly
-   (no body, no traffic);
+   (no body, no traffic), with their own optimizer (``local_prompt_lr``, ``local_tail_lr``);
 2. dataset pruning: the local model (head → tail) scores every local example by EL2N
    (‖softmax − one-hot‖₂) or loss; the top ``prune_keep`` fraction is kept;
 3. split training over the kept examples: smashed activations go up the gRPC stream, the body's
    output comes down, the loss is computed here, the gradient w.r.t. the body output goes up and the
-   gradient w.r.t. the activations comes down to reach the prompt. Tokens and labels never leave.
+   gradient w.r.t. the activations comes down to reach the prompt; a second, fresh AdamW
+   (``prompt_lr``, ``tail_lr``). Tokens and labels never leave.
 
 The update is the change of prompt and tail against the round's global state (aggregated by the
 run's merger). A broken stream ends the round for this client with status "error" and a one-line
@@ -176,6 +177,24 @@ def prune_indices(scores: torch.Tensor, keep: float, labels: list[int] | None = 
 
 # ---------------------------------------------------------------------------- the trainer
 
+
+def phase_optimizers(prompt: torch.nn.Parameter, tail: list[torch.nn.Parameter], s, weight_decay: float):
+    """(local-loss AdamW, split AdamW): one optimizer per phase, each with its own learning rates and its
+    own moments. The local-loss phase's gradients come from head → tail with the body skipped, a different
+    model than the split phase's; sharing one AdamW carried its moments (and its step sizes) into the split
+    phase. Prompts want a far larger step than pretrained weights (Lester et al. 2021): two groups each.
+    The local optimizer is None when ``local_loss_steps`` is 0."""
+
+    def make(prompt_lr: float, tail_lr: float) -> torch.optim.AdamW:
+        return torch.optim.AdamW([
+            {"params": [prompt], "lr": prompt_lr, "weight_decay": 0.0},
+            {"params": tail, "lr": tail_lr, "weight_decay": weight_decay},
+        ])
+
+    local = make(s.local_prompt_lr, s.local_tail_lr) if s.local_loss_steps else None
+    return local, make(s.prompt_lr, s.tail_lr)
+
+
 _SPLITS: dict[tuple, tuple[SplitModel, object]] = {}
 
 
@@ -208,11 +227,7 @@ def train(ctx: TrainContext) -> TrainResult:
         return TrainResult(update={}, num_examples=0, status="error", reason=str(e))
     prompt = torch.nn.Parameter(ctx.global_state[PROMPT_KEY].clone().float())
     tail = split.tail_parameters()
-    # prompts usually want a far larger step than pretrained weights (Lester et al. 2021): two groups
-    opt = torch.optim.AdamW([
-        {"params": [prompt], "lr": s.prompt_lr or cfg.train.lr, "weight_decay": 0.0},
-        {"params": list(tail.values()), "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay},
-    ])
+    local_opt, split_opt = phase_optimizers(prompt, list(tail.values()), s, cfg.train.weight_decay)
     gen = local_generator(ctx)
     bs = cfg.train.batch_size
     n_labels = len(task.label_token_ids)
@@ -235,8 +250,8 @@ def train(ctx: TrainContext) -> TrainResult:
                                     skip_body=True)
         loss = F.cross_entropy(logits, labels)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        local_opt.step()
+        local_opt.zero_grad(set_to_none=True)
         local_losses.append(loss.item())
         count(inputs, train=True)
 
@@ -274,8 +289,8 @@ def train(ctx: TrainContext) -> TrainResult:
             loss = F.cross_entropy(logits, labels)
             loss.backward()  # tail weight grads, and d loss / d body output
             smashed.backward(stream.backward(step, body_out.grad))  # through the head to the prompt
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            split_opt.step()
+            split_opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
             correct += (logits.argmax(-1) == labels).sum().item()
             seen += len(chunk)
@@ -309,6 +324,7 @@ def train(ctx: TrainContext) -> TrainResult:
             "full_finetune_flops": float(flops["full"]),
             "client_flops_ratio": flops["client"] / max(flops["full"], 1),
             "full_finetune_epoch_flops": float(flops["full_epoch"]),
+            "client_flops_epoch_ratio": flops["client"] / max(flops["full_epoch"], 1),
             "train_seconds": time.perf_counter() - t0,
         },
         extra={"body_session": stream.session_id},
