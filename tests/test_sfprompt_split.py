@@ -168,8 +168,8 @@ def test_server_never_receives_tokens_or_labels(body, tiny_cfg, data_root):
     body.servicer.seen.clear()
     res = train(_ctx(tiny_cfg, body.address(), examples))
     assert res.status == "ok", res.reason
-    # the top half within each label (rounded up per label), in batches of 8
-    kept = sum(-(-n // 2) for n in Counter(e.label for e in examples).values())
+    # the top half within each label (quotas adding up to ceil(n / 2)), in batches of 8
+    kept = -(-len(examples) // 2)
     steps = -(-kept // 8)
     assert res.metrics["kept_examples"] == kept and res.metrics["split_steps"] == steps
     assert set(res.update) == {PROMPT_KEY} | {k for k in res.update if k.startswith("tail.")}
@@ -483,3 +483,14 @@ def test_pruning_keeps_the_top_fraction_within_each_label():
     labels = [0, 0, 0, 1, 1, 1]
     assert prune_indices(scores, 0.3) == [0, 1]  # over all examples: one label only
     assert prune_indices(scores, 0.3, labels) == [0, 5]  # per label: the hardest of each
+
+
+def test_per_label_quotas_add_up_to_the_overall_count():
+    # 64 examples, 27 of one label: rounding up per label would keep 14 + 19 = 33 (3 batches of 16), not 32
+    labels = [0] * 27 + [1] * 37
+    scores = torch.arange(64, dtype=torch.float32)
+    kept = prune_indices(scores, 0.5, labels)
+    assert len(kept) == 32
+    assert Counter(labels[i] for i in kept) == Counter({0: 14, 1: 18})  # 13.5 / 18.5: the tie goes to label 0
+    assert kept == list(range(13, 27)) + list(range(46, 64))  # the highest scores of each label
+    assert len(prune_indices(scores, 0.25, labels)) == 16
