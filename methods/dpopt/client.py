@@ -65,6 +65,9 @@ class GeneratedPrompts:
     members: list[int] = field(default_factory=list)  # members with demonstrations, per prompt (local only)
     seconds: float = 0.0
     forwards: int = 0
+    retries: int = 0  # per-token retries (each one a charged call)
+    sampling_rate: float = 1.0  # the per-call Poisson rate ("per-token"); 1.0 for "fixed"
+    delta0: float = 0.0
 
 
 def _record_key(seed_text: str, ex: Example, salt: str) -> int:
@@ -107,15 +110,26 @@ def _is_stop(tok, token_id: int) -> bool:
 
 @torch.no_grad()
 def generate_prompts(model, tok, examples: list[Example], labels: list[str], dp_cfg, *, seed_text: str,
-                     progress=None, generator: torch.Generator | None = None) -> tuple[GeneratedPrompts, list[Example]]:
+                     progress=None, generator: torch.Generator | None = None, data_cfg=None,
+                     pred_cache: dict | None = None) -> tuple[GeneratedPrompts, list[Example]]:
     """DP-OPT generation on one data owner's ``examples``. Returns the prompts and the validation bucket.
 
     ``progress(n)`` is called once per token step (``num_prompts * max_new_tokens`` in all, at most).
     ``generator``: None (OS entropy) for every private run; a seeded one only in tests and benchmarks.
+    ``dp_cfg.demos = "per-token"`` (the default) runs ``pertoken.generate_per_token`` on the records outside
+    the validation bucket; ``"fixed"`` the slot assignment below.
     """
     t0 = time.perf_counter()
     P, E = dp_cfg.num_prompts, dp_cfg.ensemble_size
     val_frac = dp_cfg.validation_fraction if dp_cfg.selection == "private" else 0.0
+    if dp_cfg.demos == "per-token":
+        from .pertoken import generate_per_token
+
+        _, validation = assign_slots(examples, 1, 1, seed_text, val_frac)
+        held = {id(ex) for ex in validation}
+        pool = [ex for ex in examples if id(ex) not in held]
+        return generate_per_token(model, tok, pool, labels, dp_cfg, data_cfg=data_cfg, progress=progress,
+                                  generator=generator, pred_cache=pred_cache), validation
     slots, validation = assign_slots(examples, P * E, dp_cfg.shots, seed_text, val_frac)
     acct = TokenAccountant.calibrated(dp_cfg.epsilon, dp_cfg.delta, dp_cfg.max_new_tokens,
                                       step_epsilon=dp_cfg.step_epsilon)
@@ -283,7 +297,7 @@ def train(ctx: TrainContext) -> TrainResult:
     try:
         with bar:
             result, validation = generate_prompts(model, tok, ctx.examples, ctx.labels, round_dp, seed_text=seed_text,
-                                                  progress=advance)
+                                                  progress=advance, data_cfg=cfg.data)
     except ValueError as e:  # e.g. a remaining budget too small for even one token choice
         raise TrainerRefused(f"{ctx.client_name}: {e}") from None
     if result.token_choices == 0:  # data-independent: the first choice never fitted
@@ -295,8 +309,11 @@ def train(ctx: TrainContext) -> TrainResult:
                   "token_choices": result.token_choices, "step_epsilon": result.step_epsilon,
                   "ld_failures": result.failures, "budget_stopped": result.budget_stopped,
                   "members_with_demos": result.members, "round_epsilon": round_dp.epsilon,
-                  "round_delta": round_dp.delta}
+                  "round_delta": round_dp.delta, "demos": dp.demos, "retries": result.retries,
+                  "sampling_rate": result.sampling_rate, "delta0": result.delta0}
     if dp.selection == "private":
+        if "" not in released:  # the empty instruction (zero-shot) is a candidate: a pick is never worse on the bucket
+            released.append("")
         if validation:
             correct = score_prompts(model, tok, released, validation, ctx.labels, cfg.data,
                                     batch_size=cfg.train.eval_batch_size)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 from fedadapt.data import Example
 from fedadapt.tasks.classify import VerbalizerTask
 
@@ -40,3 +42,22 @@ def score_prompts(model, tok, prompts: list[str], rows: Sequence[Example], label
                                    progress=progress)
         out.append(int(round(res["accuracy"] * res["examples"])))
     return out
+
+
+@torch.no_grad()
+def predict_labels(model, tok, instruction: str, rows: Sequence[Example], labels: list[str], data_cfg, *,
+                   batch_size: int = 32) -> list[int]:
+    """The label each row gets under ``instruction`` (argmax of the verbalizer's label logits)."""
+    task = instruction_task(tok, instruction, labels, data_cfg)
+    out: list[int] = []
+    for start in range(0, len(rows), batch_size):
+        inputs, _ = task.batch(rows[start:start + batch_size])
+        out.extend(task.label_logits(model, inputs).argmax(-1).tolist())
+    return out
+
+
+def default_instruction(labels: list[str]) -> str:
+    """The public seed of the backward meta-prompt: "Classify the input text as a, b or c."."""
+    names = [str(x) for x in labels]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+    return f"Classify the input text as {listed}."
