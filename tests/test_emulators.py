@@ -226,7 +226,7 @@ def test_distillation_in_the_prompt_repairs_the_emulator(data_root):
     prompt = "Review: {text}\nSentiment:"
     spec = EmulatorSpec(model="tiny-llama", method="uniform", bottom=1, top=1, keep=1, calibration="vader_sentiment/nyt_editorials",
                         calibration_examples=16, max_length=24, distill_steps=40, distill_lr=3e-3, distill_examples=32,
-                        distill_prompt=prompt, distill_batch_size=8)
+                        distill_prompt=prompt, distill_batch_size=8, distill_lm_weight=0.0)  # the teacher's terms only
     texts = ["a long public text " * 20, "short"]
     batch = distill_batches(tok, texts, spec)[0]
     tail = tok("\nSentiment:", add_special_tokens=False)["input_ids"]
@@ -245,3 +245,154 @@ def test_distillation_in_the_prompt_repairs_the_emulator(data_root):
         gaps = [torch.nn.functional.kl_div(torch.log_softmax(b.model(full)(**probe, logits_to_keep=1).logits[:, -1], -1),
                                            want, log_target=True, reduction="batchmean").item() for b in (untrained, bundle)]
     assert gaps[1] < gaps[0], gaps  # closer to the full model's next-token distribution where labels are read
+
+
+# ---------------------------------------------------------------------------- fidelity, pooled similarity, resumable distillation
+
+
+def _emulator_of(full, plan):
+    from methods.offsite.emulator import emulator_tensors
+
+    return build_emulator_model(emulator_tensors(full, plan, include_adapters=True), plan, full.config.to_dict())
+
+
+def _lm_batches(n=3, rows=4, width=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        mask = torch.ones(rows, width, dtype=torch.long)
+        mask[0, :3] = 0  # one left-padded row
+        out.append({"input_ids": torch.randint(0, 64, (rows, width), generator=g), "attention_mask": mask})
+    return out
+
+
+def test_fidelity_is_one_for_an_emulator_that_keeps_every_layer_and_drops_when_layers_go():
+    from methods.offsite.emulators.fidelity import gradient_fidelity, lm_loss, verdict
+
+    full = small_llama(8)
+    for p in full.parameters():
+        p.requires_grad_(False)
+    batches = _lm_batches()
+    whole = plan_uniform(8, 2, 2, 4)  # keeps all 4 middle layers: the full model itself
+    fid = gradient_fidelity(full, _emulator_of(full, whole), whole, batches, lm_loss, loss="lm")
+    assert fid.overall == pytest.approx(1.0, abs=1e-5)
+    assert sorted(fid.per_layer) == [0, 1, 6, 7]
+    assert all(v == pytest.approx(1.0, abs=1e-5) for v in fid.per_layer.values())
+    assert all(v == pytest.approx(1.0, abs=1e-4) for v in fid.norm_ratio.values())
+    assert fid.loss_full == pytest.approx(fid.loss_emulator, rel=1e-5)
+    assert not any(p.requires_grad for p in full.parameters())  # left as found
+
+    cut = plan_uniform(8, 2, 2, 1)  # one middle layer of four
+    low = gradient_fidelity(full, _emulator_of(full, cut), cut, batches, lm_loss, loss="lm")
+    assert low.overall < 0.99 and min(low.per_layer.values()) < 0.99, low
+    assert -1.0 <= low.overall <= 1.0
+    assert verdict(1.0).startswith("high") and verdict(-0.1).startswith("none") and verdict(None) == "unknown"
+    d = low.to_dict()
+    assert set(d["per_layer"]) == {"0", "1", "6", "7"} and d["verdict"] == low.verdict
+
+
+def test_fidelity_on_public_rows_uses_public_labels_else_the_full_models_prediction():
+    from methods.offsite.emulators.fidelity import public_rows_batches
+
+    class Tok:  # a character tokenizer, enough for a verbalizer over a 64-token vocabulary
+        pad_token_id = 0
+
+        def __call__(self, text, add_special_tokens=True, **_):
+            return {"input_ids": [1 + (ord(c) % 60) for c in text]}
+
+    from fedadapt.tasks.classify import ClassifyTask
+
+    full = small_llama(4)
+    task = ClassifyTask.build(Tok(), ["negative", "positive"], prompt="R: {text}\nS:", max_length=16, label_words=["n", "p"])
+    rows = [{"text": "good", "label": "positive"}, {"text": "bad", "label": "negative"}, {"text": "meh", "label": "neutral"},
+            {"text": "so so"}]
+    batches, fn, kind, extra = public_rows_batches(task, rows, full, batch_size=3)
+    assert kind == "task" and extra == {"public_labels": 2, "pseudo_labels": 2}
+    assert batches[0]["labels"][:2].tolist() == [1, 0] and len(batches) == 2
+    assert torch.isfinite(fn(full, batches[0]))
+    lm_task = ClassifyTask.build(Tok(), [], prompt="R: {text}\nS:", max_length=16, label_words=[])
+    _, _, kind, _ = public_rows_batches(lm_task, rows, full)
+    assert kind == "lm"
+
+
+def test_pooled_similarity_has_one_row_per_sequence_as_crash_reference():
+    from methods.offsite.emulators.similarity import layer_similarity, pool_rows, sequence_ids
+
+    batches = _lm_batches(n=2, rows=4, width=6)
+    seq, last = sequence_ids(batches)
+    assert seq.tolist()[:3] == [0, 0, 0] and int(seq.max()) == 7 and int(last.sum()) == 8
+    reps = [torch.arange(int(seq.numel()), dtype=torch.float32).unsqueeze(1).repeat(1, 2)]
+    mean = pool_rows(reps, seq, last, "mean")[0]
+    assert mean.shape == (8, 2) and mean[0, 0] == pytest.approx(sum(range(3)) / 3)  # row 0 has 3 real tokens
+    assert pool_rows(reps, seq, last, "last")[0][0, 0] == 2.0
+    full = small_llama(6)
+    for pooling in ("mean", "last", "tokens"):
+        sim = layer_similarity(full, _lm_batches(n=4, rows=8, width=10), pooling=pooling)
+        assert sim.robust.shape == (6, 6) and sim.pooling == pooling
+        assert torch.allclose(torch.diag(sim.robust), torch.ones(6, dtype=sim.robust.dtype))
+    with pytest.raises(ValueError, match="pooling"):
+        layer_similarity(full, _lm_batches(n=1), pooling="max")
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    from methods.offsite.emulators.build import lr_at
+
+    lrs = [lr_at(s, 20, 1e-3, 0.1) for s in range(20)]
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)  # 2 warmup steps
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 1e-4
+    assert lr_at(0, 10, 1e-3, 0.0) == pytest.approx(1e-3)
+
+
+def test_interrupted_distillation_resumes_to_the_uninterrupted_result(tmp_path):
+    from methods.offsite.emulators.build import DistillCheckpoint, DistillInterrupted, distill
+
+    full = small_llama(8)
+    for p in full.parameters():
+        p.requires_grad_(False)
+    plan = plan_uniform(8, 2, 2, 2)
+    batches = _lm_batches(n=3)
+    kw = dict(steps=7, lr=3e-3, warmup=0.2, seed=1)
+
+    straight = _emulator_of(full, plan)
+    want = distill(straight, full, plan, batches, **kw)
+    assert len(want) == 7
+
+    ckpt = DistillCheckpoint(tmp_path / "job", every=2, fingerprint="job-a")
+    first = _emulator_of(full, plan)
+    with pytest.raises(DistillInterrupted):
+        distill(first, full, plan, batches, checkpoint=ckpt, stop_after=3, **kw)
+    saved = torch.load(ckpt.path, weights_only=False)
+    assert saved["step"] == 3 and len(saved["losses"]) == 3
+    assert DistillCheckpoint(tmp_path / "job", fingerprint="other-data").load() is None  # another job's: ignored
+
+    resumed = _emulator_of(full, plan)  # a fresh process: weights from the full model again, state from the checkpoint
+    seen = []
+    got = distill(resumed, full, plan, batches, checkpoint=ckpt, on_step=lambda n, loss: seen.append(n), **kw)
+    assert seen[0] == 3 and len(seen) == 5  # reported the 3 steps done, then ran the other 4
+    assert got == pytest.approx(want, rel=1e-5)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert torch.load(ckpt.path, weights_only=False)["step"] == 7
+
+
+def test_build_resumes_an_interrupted_distillation_and_caches_it(data_root, tmp_path, monkeypatch):
+    from methods.offsite.emulators.build import DistillInterrupted, EmulatorSpec, build_emulator, distill_checkpoint
+    from methods.offsite.emulators.build import calibration_texts
+    from fedadapt.models import load_model
+
+    monkeypatch.setenv("FEDADAPT_HOME", str(tmp_path / "home"))
+    full, tok, _ = load_model("tiny-llama", seed=0)
+    spec = EmulatorSpec(model="tiny-llama", method="uniform", bottom=1, top=1, keep=1, calibration_examples=16,
+                        max_length=16, distill_steps=4, distill_lr=1e-3, distill_batch_size=8)
+    with pytest.raises(DistillInterrupted):
+        build_emulator(spec, full, tok, progress=lambda *_: None, stop_after=2)
+    ckpt = distill_checkpoint(spec, calibration_texts(spec.calibration, 16))
+    assert ckpt.load()["step"] == 2
+    resumed, _ = build_emulator(spec, full, tok, progress=lambda *_: None)
+    assert not ckpt.path.exists()  # finished: the checkpoint is gone, the result is the caller's
+    fresh, _ = build_emulator(spec, full, tok, progress=lambda *_: None)
+    got, want = decode_emulator(resumed.payload)[0], decode_emulator(fresh.payload)[0]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)  # the uninterrupted job's weights
+    assert spec.key() != EmulatorSpec(**{**spec.__dict__, "distill_kd_weight": 0.5}).key()
+    assert EmulatorSpec(**{**spec.__dict__, "distill_steps": 0}).key() == EmulatorSpec(
+        **{**spec.__dict__, "distill_steps": 0, "distill_kd_weight": 0.5}).key()  # training-free: not part of the key

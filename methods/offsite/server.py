@@ -14,7 +14,9 @@ import shutil
 
 from safetensors.torch import save
 
-from .emulators.build import HEATMAP_FILE, EmulatorSpec, cached_emulator, load_bundle
+import logging
+
+from .emulators.build import HEATMAP_FILE, EmulatorSpec, cached_emulator, cached_fidelity, load_bundle
 from .emulator import (
     EmulatorError, adapter_layer_state, load_adapter_layers, load_lora_state, lora_state, plug_in, wrap_lora,
 )
@@ -24,6 +26,8 @@ from fedadapt.paths import atomic_write_bytes, atomic_write_json
 from fedadapt.tasks import build_task
 
 from ..base import ServerMethod
+
+log = logging.getLogger("fedadapt.coordinator")
 
 
 class OffsiteServer(ServerMethod):
@@ -44,6 +48,8 @@ class OffsiteServer(ServerMethod):
         self.emulator = self.bundle.model(self.full)
         for p in self.emulator.parameters():
             p.requires_grad_(False)
+        if o.fidelity_examples:  # before the federation starts: will training on this emulator transfer?
+            self.bundle.report = {**self.bundle.report, "fidelity": run_fidelity(self, cfg)}
         if o.use_lora:
             self.full = wrap_lora(self.full, self.plan, cfg.lora, on="full", seed=cfg.seed)
             self.emulator = wrap_lora(self.emulator, self.plan, cfg.lora, on="emulator", seed=cfg.seed)
@@ -122,6 +128,29 @@ def offsite_table(metrics: list[dict], primary: str = "accuracy") -> dict:
         "emulator_fine_tuned": row(last, "emulator_"),
         "plug_in": row(last, ""),
     }
+
+
+def run_fidelity(server: "OffsiteServer", cfg) -> dict:
+    """The emulator's gradient fidelity on the model owner's public text in this run's prompt and task loss
+    (``emulators/fidelity.py``); a failure is recorded, not fatal: the run does not depend on it."""
+    from fedadapt.data import DataError
+    from fedadapt.tasks.classify import ClassifyTask
+
+    task, o = server.task, cfg.offsite
+    classify = isinstance(task, ClassifyTask)
+    calibration = o.calibration
+    try:
+        fid = cached_fidelity(server.bundle, server.full, server.tokenizer, prompt=getattr(task, "prompt", cfg.data.prompt),
+                              labels=list(task.labels) if classify else None,
+                              label_words=list(task.label_words) if classify else None, calibration=calibration,
+                              examples=o.fidelity_examples, max_length=cfg.data.max_length, root=cfg.data.root,
+                              emulator=server.emulator)
+    except (DataError, ValueError, RuntimeError) as e:
+        log.warning("emulator fidelity not measured: %s", e)
+        return {"error": str(e)}
+    log.info("emulator gradient fidelity (cosine emulator vs full model, %d public rows): overall %.3f; per layer %s: %s",
+             fid["rows"], fid["overall"], ", ".join(f"{k} {v:+.2f}" for k, v in fid["per_layer"].items()), fid["verdict"])
+    return fid
 
 
 def _check_matches(bundle, cfg) -> None:

@@ -6,6 +6,14 @@ shows large saturated blocks that say nothing about the other tokens. ``massive_
 token from *every* layer's matrix when its hidden-state norm exceeds ``factor`` x that layer's median
 token norm at any layer; the robust map is CKA over the remaining tokens. Both maps are kept so the
 heatmap can show the difference.
+
+Pooling (``pooling``): CRaSh's reference (TsinghuaC3I/CRaSh, ``utils/main.py``) runs the model on the
+*task's* text (the prompt context, 512 samples), pools each layer's output to one vector per sequence
+(mean over non-padding tokens by default; "last" and "max" are its other options) and computes linear
+CKA across sequences. ``"mean"`` / ``"last"`` do that here (massive-activation tokens are left out of the
+robust map's mean, as they are left out of its token rows); ``"tokens"`` is this project's earlier
+per-token CKA (every non-padding token a row). With ``"mean"``/``"last"`` the texts should be rendered in
+the task's prompt (``EmulatorSpec.similarity_prompt``), as the reference's "only context" inputs are.
 """
 
 from __future__ import annotations
@@ -70,10 +78,11 @@ class LayerSimilarity:
     tokens: int
     dropped_tokens: int
     max_activation: float  # the largest |value| seen in any layer's output
+    pooling: str = "tokens"  # rows of the CKA: every token, or one per sequence ("mean", "last")
 
     def to_dict(self) -> dict:
         return {"all_tokens": self.all_tokens.tolist(), "robust": self.robust.tolist(), "tokens": self.tokens,
-                "dropped_tokens": self.dropped_tokens, "max_activation": self.max_activation}
+                "dropped_tokens": self.dropped_tokens, "max_activation": self.max_activation, "pooling": self.pooling}
 
 
 @torch.no_grad()
@@ -93,15 +102,61 @@ def layer_outputs(model, batches: list[dict[str, torch.Tensor]]) -> list[torch.T
     return [torch.cat(acc) for acc in per_layer]
 
 
-def layer_similarity(model, batches: list[dict[str, torch.Tensor]], *, massive_factor: float = 5.0) -> LayerSimilarity:
+POOLINGS = ("tokens", "mean", "last")
+
+
+def sequence_ids(batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every non-padding token (in ``layer_outputs`` order): its sequence number, and whether it is its
+    sequence's last real token (either padding side)."""
+    seq, last, base = [], [], 0
+    for inputs in batches:
+        mask = inputs["attention_mask"].bool()
+        pos = torch.arange(mask.shape[1]).expand_as(mask)
+        last_pos = torch.where(mask, pos, torch.full_like(pos, -1)).max(1).values
+        seq.append((torch.arange(mask.shape[0]) + base).unsqueeze(1).expand_as(mask)[mask])
+        last.append((pos == last_pos.unsqueeze(1))[mask])
+        base += mask.shape[0]
+    return torch.cat(seq), torch.cat(last)
+
+
+def pool_rows(reps: list[torch.Tensor], seq: torch.Tensor, last: torch.Tensor, pooling: str,
+              keep: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """One row per sequence from per-token rows: mean over its tokens (those in ``keep``), or its last token."""
+    if pooling == "tokens":
+        return [r[keep] if keep is not None else r for r in reps]
+    if pooling == "last":
+        return [r[last] for r in reps]
+    if pooling != "mean":
+        raise ValueError(f"unknown similarity pooling {pooling!r}: choose one of {POOLINGS}")
+    sel = keep if keep is not None else torch.ones_like(seq, dtype=torch.bool)
+    n = int(seq.max()) + 1
+    counts = torch.zeros(n).index_add_(0, seq[sel], torch.ones(int(sel.sum())))
+    present = counts > 0
+    out = []
+    for r in reps:
+        sums = torch.zeros(n, r.shape[1]).index_add_(0, seq[sel], r[sel].float())
+        out.append((sums[present] / counts[present].unsqueeze(1)))
+    return out
+
+
+def layer_similarity(model, batches: list[dict[str, torch.Tensor]], *, massive_factor: float = 5.0,
+                     pooling: str = "tokens") -> LayerSimilarity:
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown similarity pooling {pooling!r}: choose one of {POOLINGS}")
     reps = layer_outputs(model, batches)
     keep = massive_token_mask(reps, massive_factor)
     if int(keep.sum()) < 2:
         raise ValueError("every calibration token looks massive: raise offsite.massive_factor")
+    seq, last = sequence_ids(batches)
+    if pooling == "last":  # sequences whose last token is massive are left out of the robust map
+        robust_rows = [r[last & keep] for r in reps] if int((last & keep).sum()) >= 2 else [r[last] for r in reps]
+    else:
+        robust_rows = pool_rows(reps, seq, last, pooling, keep)
     return LayerSimilarity(
-        all_tokens=cka_matrix(reps),
-        robust=cka_matrix([r[keep] for r in reps]),
+        all_tokens=cka_matrix(pool_rows(reps, seq, last, pooling)),
+        robust=cka_matrix(robust_rows),
         tokens=int(keep.numel()),
         dropped_tokens=int((~keep).sum()),
         max_activation=float(max(r.abs().max() for r in reps)),
+        pooling=pooling,
     )
