@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -123,8 +124,13 @@ def node_config_arg(data_path: Path, name: str, fault: str = "", privacy: dict |
 
 
 def supernode_argv(coordinator: str, data_path: Path, name: str, port: int, *, insecure: bool,
-                   root_cert: Path | None, key: Path | None, fault: str = "", privacy: dict | None = None) -> list[str]:
-    argv = [executable("flower-supernode"), "--superlink", coordinator, "--port", str(port),
+                   root_cert: Path | None, key: Path | None, fault: str = "", privacy: dict | None = None,
+                   warm: bool = True) -> list[str]:
+    """Flower's SuperNode (through `client_node.supernode`, which bounds its poll interval). ``warm``: it
+    leaves ClientApp messages to this node's warm worker (`--isolation process`) instead of starting a
+    `flwr-clientapp` process per message."""
+    argv = [sys.executable, "-m", "client_node.supernode", "--superlink", coordinator, "--port", str(port),
+            "--isolation", "process" if warm else "subprocess",
             "--node-config", node_config_arg(data_path, name, fault, privacy)]
     if insecure:
         argv.append("--insecure")
@@ -134,6 +140,12 @@ def supernode_argv(coordinator: str, data_path: Path, name: str, port: int, *, i
         if key is not None:
             argv += ["--auth-supernode-private-key", str(key)]
     return argv
+
+
+def worker_argv(runtime_port: int, supernode_pid: int, poll_s: float = 0.1) -> list[str]:
+    """The warm ClientApp process for a SuperNode whose Runtime API listens on ``runtime_port``."""
+    return [sys.executable, "-m", "client_node.warm", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+            "--insecure", "--poll-interval", str(poll_s), "--parent-pid", str(supernode_pid)]
 
 
 def _check_address(coordinator: str) -> str:
@@ -146,7 +158,7 @@ def _check_address(coordinator: str) -> str:
 def join(data: str, coordinator: str, *, name: str = "", insecure: bool = False, root_cert: str = "",
          key: str = "", port: int = 0, fault: str = "", restart_delay_s: float = 3.0, max_restarts: int = 100,
          refusal_grace_s: float = 60.0, echo=None, epsilon_budget: float = 8.0, delta_budget: float = 1e-5,
-         ledger: str = "") -> int:
+         ledger: str = "", warm: bool = True, poll_s: float = 1.0) -> int:
     """Run this data owner's SuperNode until Ctrl-C; returns the exit code for the CLI."""
     from .faults import FAULTS
 
@@ -179,7 +191,9 @@ def join(data: str, coordinator: str, *, name: str = "", insecure: bool = False,
     ledger_dir = Path(ledger).expanduser().resolve() if ledger else home() / "ledgers"
     privacy = {"ledger-dir": str(ledger_dir), "epsilon-budget": float(epsilon_budget), "delta-budget": float(delta_budget)}
     node_home = home() / "nodes" / name
-    env = child_env({"FLWR_HOME": str(node_home / "flwr-home"),
+    if not 0.05 <= poll_s <= 30:
+        raise JoinError(f"--poll-interval {poll_s}: use 0.05 to 30 seconds")
+    env = child_env({"FLWR_HOME": str(node_home / "flwr-home"), "FEDADAPT_NODE_POLL_S": str(poll_s),
                      "FEDADAPT_HOME": os.environ.get("FEDADAPT_HOME", str(home()))})
     echo(f"data owner {name}: {rows} examples in {data_path} stay on this machine; joining {coordinator}")
     echo(f"privacy budget of this data (all runs together): ε ≤ {epsilon_budget:g}, δ ≤ {delta_budget:g}; ledger in {ledger_dir}")
@@ -195,20 +209,37 @@ def join(data: str, coordinator: str, *, name: str = "", insecure: bool = False,
         if any(w in line for w in ("ERROR", "Exception", "SuperNode ID", "Connection successful")):
             echo(f"[{name}] {line}")
 
+    def on_worker_line(line: str) -> None:
+        if any(w in line for w in ("ERROR", "Error", "Traceback", "running the ClientApp")):
+            echo(f"[{name} clientapp] {line}")
+
     while True:
         runtime_port = port or free_port()
         child = Child("flower-supernode", supernode_argv(coordinator, data_path, name, runtime_port, insecure=insecure,
-                                                         root_cert=cert, key=key_path, fault=fault, privacy=privacy),
+                                                         root_cert=cert, key=key_path, fault=fault, privacy=privacy,
+                                                         warm=warm),
                       node_home / "supernode.log", env=env, on_line=on_line)
+        worker: Child | None = None
         try:
-            rc = child.wait()
+            while True:
+                if warm and (worker is None or not worker.running()):
+                    if worker is not None:  # it died (out of memory, a crash): its successor reads context.state
+                        echo(f"[{name}] ClientApp process exited (code {worker.proc.returncode}); starting another")
+                    worker = Child("clientapp", worker_argv(runtime_port, child.pid), node_home / "clientapp.log",
+                                   env=env, on_line=on_worker_line)
+                rc = child.wait(1.0)
+                if rc is not None:
+                    break
         except KeyboardInterrupt:
-            child.stop(15)
+            for c in (worker, child):
+                if c is not None:
+                    c.stop(15)
             err.print(f"[yellow]stopped[/] data owner {name}")
             return 130
         finally:
-            if child.running():
-                child.stop(15)
+            for c in (worker, child):
+                if c is not None and c.running():
+                    c.stop(15)
         if refusal:
             # The coordinator registers keys just after its SuperLink starts: a refusal is final only once
             # it has lasted longer than that window.
@@ -248,7 +279,8 @@ def cmd_join(args) -> int:
     try:
         return join(args.data, args.coordinator, name=args.name, insecure=args.insecure, root_cert=args.root_cert,
                     key=args.key, port=args.port, fault=args.fault, refusal_grace_s=args.refused_after,
-                    epsilon_budget=args.epsilon_budget, delta_budget=args.delta_budget, ledger=args.ledger)
+                    epsilon_budget=args.epsilon_budget, delta_budget=args.delta_budget, ledger=args.ledger,
+                    warm=args.isolation == "warm", poll_s=args.poll_interval)
     except (JoinError, ProcessError) as e:
         err.print(f"[bold red]error:[/] {e}")
         return 2
@@ -278,4 +310,9 @@ def register_join(sub) -> None:
                    help="this data's lifetime ε under DP, over every run and round (default 8); runs may ask less, never more")
     j.add_argument("--delta-budget", type=float, default=1e-5, help="this data's lifetime δ (default 1e-5)")
     j.add_argument("--ledger", default="", help="folder of this data owner's privacy ledger (default: $FEDADAPT_HOME/ledgers)")
+    j.add_argument("--isolation", choices=["warm", "subprocess"], default="warm",
+                   help="warm (default): one long-lived ClientApp process keeps imports and the model in memory "
+                        "across rounds; subprocess: Flower's default, a new ClientApp process per message")
+    j.add_argument("--poll-interval", type=float, default=1.0, metavar="SECONDS",
+                   help="how often the SuperNode asks the coordinator for work when idle (default 1; Flower's own is 3)")
     j.set_defaults(func=cmd_join)

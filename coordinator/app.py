@@ -27,7 +27,7 @@ UPDATE = "update"
 class GridTransport:
     """Round traffic over a Flower Grid: push every instruction, pull replies as they arrive."""
 
-    def __init__(self, grid: Grid, poll_s: float = 0.5, max_bytes: int = 256 * 1024 * 1024):
+    def __init__(self, grid: Grid, poll_s: float = 0.2, max_bytes: int = 256 * 1024 * 1024):
         self.grid = grid
         self.poll_s = poll_s
         self.max_bytes = max_bytes  # compression.max_update_bytes: a larger payload is refused unread
@@ -102,6 +102,8 @@ def _config_from_run_config(text: str):
     if stripped.startswith("{"):
         return config_from_json(stripped)
     path = Path(text).expanduser()
+    if not path.is_absolute() and not path.exists():  # `flwr run .` from a checkout: relative to the app
+        path = Path(__file__).resolve().parent.parent / path
     if path.suffix == ".json":
         if not path.is_file():
             raise SystemExit(f"fedadapt-config {path} not found: start runs with `coordinator serve --config run.toml`")
@@ -121,5 +123,13 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = RunDir.open_existing(run_dir_path) if run_dir_path else RunDir.create(cfg)
     # A ServerApp orphaned by a killed coordinator exits within seconds; a resumed one waits for it here
     # so two never write the same run directory.
+    (run_dir.path / "superlink").mkdir(parents=True, exist_ok=True)
     with file_lock(run_dir.path / "superlink" / "serverapp.lock"):
-        run_coordinator(grid, cfg, RunDir.open_existing(run_dir.path), is_simulation=False)
+        run_coordinator(grid, cfg, RunDir.open_existing(run_dir.path), is_simulation=is_simulation_grid(grid))
+
+
+def is_simulation_grid(grid: Grid) -> bool:
+    """Flower's simulation runtime hands the ServerApp its in-memory Grid; a deployment, a networked one."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)

@@ -492,7 +492,27 @@ def offsite_section(run_dir: Path) -> dict[str, Any] | None:
         if isinstance(r, dict):
             rows.append({"label": label, "value": _fmt(r.get(metric)), "loss": _fmt(r.get("loss")),
                          "round": r.get("round")})
-    return {"facts": facts, "metric": metric, "rows": rows, "similarity": _png_data_uri(folder / "similarity.png")}
+    return {"facts": facts, "metric": metric, "rows": rows, "similarity": _png_data_uri(folder / "similarity.png"),
+            "fidelity": _fidelity_block(emu.get("fidelity"))}
+
+
+def _fidelity_block(fid: Any) -> dict[str, Any] | None:
+    """The emulator's gradient fidelity (methods/offsite/emulators/fidelity.py), measured before the first round:
+    cosine between adapter-layer gradients on the emulator and on the full model, overall and per layer."""
+    if not isinstance(fid, dict):
+        return None
+    if fid.get("error"):
+        return {"error": str(fid["error"])}
+    if not _is_num(fid.get("overall")):
+        return None
+    per, ratio = fid.get("per_layer") or {}, fid.get("norm_ratio") or {}
+    layers = [{"layer": k, "cosine": f"{v:+.3f}" if _is_num(v) else "-",
+               "ratio": f"{ratio[k]:.2f}" if _is_num(ratio.get(k)) else "-"} for k, v in per.items()]
+    rows = fid.get("rows")
+    source = f"{rows} rows of {fid.get('calibration', 'public text')}" if rows else fid.get("calibration")
+    return {"overall": f"{fid['overall']:+.3f}", "verdict": str(fid.get("verdict", "")), "layers": layers,
+            "source": source, "prompt": str(fid.get("prompt", "")),
+            "loss": "task loss" if fid.get("loss") == "task" else "next-token loss"}
 
 
 def dpopt_section(run_dir: Path) -> dict[str, Any] | None:
@@ -587,10 +607,32 @@ def build_context(run_dir: str | Path) -> dict[str, Any]:
     }
 
 
+def template_dirs() -> list[Path]:
+    """Where the report template is: beside this module, else in the installed fedadapt. A ServerApp
+    started by `flwr run` imports this module from the FAB, which carries only Flower's file types
+    (.py, .toml, .md, ...), not the .j2 template."""
+    dirs = [TEMPLATE_DIR]
+    if not (TEMPLATE_DIR / TEMPLATE).is_file():
+        import importlib.metadata
+        import json
+
+        for dist in importlib.metadata.distributions(name="fedadapt"):
+            try:
+                origin = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")
+            except ValueError:
+                origin = ""
+            if origin.startswith("file://"):  # an editable install: its source checkout
+                dirs.append(Path(origin[len("file://"):]) / "coordinator" / "templates")
+            installed = Path(str(dist.locate_file("coordinator/templates")))
+            if installed.is_absolute():
+                dirs.append(installed)
+    return dirs
+
+
 def render_report(run_dir: str | Path) -> str:
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), autoescape=True,
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader([str(d) for d in template_dirs()]), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["svg"] = lambda s: jinja2.utils.markupsafe.Markup(s) if s else ""
     return env.get_template(TEMPLATE).render(**build_context(run_dir))

@@ -15,7 +15,7 @@ def cmd_simulate(args) -> int:
     cfg = load_config(args.config, args.overrides)  # fully validated before anything starts
     err.print(f"[bold]fedadapt simulate[/]: {cfg.federation.num_clients} data owners, {cfg.rounds} rounds, "
               f"task={cfg.task} trainer={cfg.trainer} model={cfg.model} data={cfg.data.dataset} codec={cfg.codec} merger={cfg.merger}")
-    rd = run_simulation_for(cfg)
+    rd = run_simulation_for(cfg, engine=args.engine)
     err.print(f"run directory: [bold]{rd.path}[/] ({rd.wall_seconds:.0f}s)")
     return 0
 
@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedadapt simulate", description="run a local multi-node simulation")
     p.add_argument("-v", "--verbose", action="store_true")
     add_config_args(p)
+    p.add_argument("--engine", choices=["flwr", "inprocess"], default="flwr",
+                   help="flwr (default): a local simulation SuperLink and `flwr run`, Flower's supported path; "
+                        "inprocess: the same apps inside this process (faster start, for debugging)")
     p.set_defaults(func=cmd_simulate)
     return p
 
