@@ -510,7 +510,7 @@ def _fidelity_block(fid: Any) -> dict[str, Any] | None:
                "ratio": f"{ratio[k]:.2f}" if _is_num(ratio.get(k)) else "-"} for k, v in per.items()]
     rows = fid.get("rows")
     source = f"{rows} rows of {fid.get('calibration', 'public text')}" if rows else fid.get("calibration")
-    return {"overall": f"{fid['overall']:+.3f}", "verdict": str(fid.get("verdict", "")), "layers": layers,
+    return {"error": "", "overall": f"{fid['overall']:+.3f}", "verdict": str(fid.get("verdict", "")), "layers": layers,
             "source": source, "prompt": str(fid.get("prompt", "")),
             "loss": "task loss" if fid.get("loss") == "task" else "next-token loss"}
 

@@ -145,5 +145,14 @@ def test_offsite_simulation_two_nodes(offsite_cfg):
     layers = load_file(rd.path / "offsite" / "adapter_layers.safetensors")
     assert {int(k.split(".")[2]) for k in layers} == {0, 3}
     assert (rd.path / "offsite" / "emulator.json").is_file() and (rd.path / "offsite" / "similarity.png").is_file()
+    # the emulator's gradient fidelity, measured before round 1 on public text in the run's prompt, is in the
+    # run's emulator metadata and in its report
+    fid = json.loads((rd.path / "offsite" / "emulator.json").read_text())["fidelity"]
+    assert -1.0 <= fid["overall"] <= 1.0 and set(fid["per_layer"]) == {"0", "3"} and fid["loss"] == "task"
+    assert fid["rows"] == offsite_cfg.offsite.fidelity_examples and fid["prompt"] == offsite_cfg.data.prompt
+    from coordinator.report import render_report
+
+    page = render_report(rd.path)
+    assert 'id="offsite-fidelity"' in page and "Emulator fidelity" in page and f"{fid['overall']:+.3f}" in page
     ckpt = load_file(rd.path / "checkpoints" / "global-r2.safetensors")
     assert all(torch.equal(ckpt[k], layers[k]) for k in layers)
