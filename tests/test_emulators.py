@@ -396,3 +396,22 @@ def test_build_resumes_an_interrupted_distillation_and_caches_it(data_root, tmp_
     assert spec.key() != EmulatorSpec(**{**spec.__dict__, "distill_kd_weight": 0.5}).key()
     assert EmulatorSpec(**{**spec.__dict__, "distill_steps": 0}).key() == EmulatorSpec(
         **{**spec.__dict__, "distill_steps": 0, "distill_kd_weight": 0.5}).key()  # training-free: not part of the key
+
+
+def test_emulator_build_cli_prints_and_records_fidelity(data_root, tmp_path, monkeypatch, capsys):
+    from coordinator.cli import main
+
+    monkeypatch.setenv("FEDADAPT_HOME", str(tmp_path / "home"))
+    out = tmp_path / "emu"
+    args = ["emulator", "build", "--model", "tiny-llama", "--method", "crash", "--adapter-layers", "1,1", "--keep", "1",
+            "--calibration-examples", "16", "--prompt", "Review: {text}\\nSentiment:", "--labels", "negative,positive",
+            "--fidelity-examples", "8", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "emulator fidelity" in printed and "layer 0" in printed and "layer 3" in printed
+    report = json.loads((out / "emulator.json").read_text())
+    fid = report["fidelity"]
+    assert set(fid["per_layer"]) == {"0", "3"} and fid["rows"] == 8 and fid["loss"] == "task"
+    assert fid["prompt"] == "Review: {text}\nSentiment:" and report["similarity_pooling"] == "mean"
+    assert report["spec"]["similarity_prompt"] == "Review: {text}\nSentiment:" and "similarity" in report
+    assert (out / "emulator.safetensors").is_file()
