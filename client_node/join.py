@@ -142,7 +142,7 @@ def supernode_argv(coordinator: str, data_path: Path, name: str, port: int, *, i
     return argv
 
 
-def worker_argv(runtime_port: int, supernode_pid: int, poll_s: float = 0.1) -> list[str]:
+def worker_argv(runtime_port: int, supernode_pid: int, poll_s: float = 0.2) -> list[str]:
     """The warm ClientApp process for a SuperNode whose Runtime API listens on ``runtime_port``."""
     return [sys.executable, "-m", "client_node.warm", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
             "--insecure", "--poll-interval", str(poll_s), "--parent-pid", str(supernode_pid)]

@@ -95,7 +95,7 @@ def run_task(address: str, token: str, *, insecure: bool, certificates: bytes | 
     return status
 
 
-def serve(address: str, *, insecure: bool, root_certificates: str = "", poll_s: float = 0.1,
+def serve(address: str, *, insecure: bool, root_certificates: str = "", poll_s: float = 0.2,
           parent_pid: int | None = None, max_tasks: int | None = None) -> int:
     """Claim and run ClientApp tasks from the SuperNode at ``address`` until stopped; returns tasks run."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runtime-api-address", default="127.0.0.1:9094", help="the SuperNode's Runtime API (its --port)")
     p.add_argument("--insecure", action="store_true", help="plain HTTP to the SuperNode (it runs on this machine)")
     p.add_argument("--root-certificates", default="", help="CA of the SuperNode's Runtime API TLS certificate")
-    p.add_argument("--poll-interval", type=float, default=0.1, help="seconds between claims when idle (default 0.1)")
+    p.add_argument("--poll-interval", type=float, default=0.2, help="seconds between claims when idle (default 0.2)")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process exits")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)

@@ -45,14 +45,9 @@ def _state(run_dir: Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-def _has_clientapp(pid: int) -> bool:
-    for p in descendants(pid):
-        try:
-            if b"flwr-clientapp" in Path(f"/proc/{p}/cmdline").read_bytes():
-                return True
-        except OSError:
-            pass
-    return False
+def _tasks_started(log: Path) -> int:
+    """ClientApp messages a node's warm ClientApp process has started (it logs one line each)."""
+    return log.read_text().count("running the ClientApp") if log.is_file() else 0
 
 
 def _cmd(pid: int) -> str:
@@ -155,10 +150,26 @@ threads = 1
 
         # resume; while round 2 runs, carol's machine dies
         procs["resume"] = _start([coordinator, "serve", "--resume", str(run_dir)], logs["resume"])
-        _wait(lambda: _has_clientapp(procs["carol"].pid), 240, "carol's round-2 ClientApp", list(logs.values()))
+        _wait(lambda: _tasks_started(logs["carol"]) >= 2, 240, "carol's round-2 ClientApp", list(logs.values()))
+        carol_family = descendants(procs["carol"].pid)
         procs["carol"].send_signal(signal.SIGKILL)
         rc = procs["resume"].wait(timeout=420)
         assert rc == 0, logs["resume"].read_text()[-3000:]
+        # the owners that stay: each ran its rounds in one warm ClientApp process (no process per message)
+        for name in ("alice", "bob"):
+            workers = [p for p in descendants(procs[name].pid) if "client_node.warm" in _cmd(p)]
+            assert len(workers) == 1, f"{name}: {[_cmd(p) for p in descendants(procs[name].pid)]}"
+            assert not [p for p in descendants(procs[name].pid) if "flwr-clientapp" in _cmd(p)]
+        # `client join` stopped as a user stops it (SIGTERM to it alone) leaves nothing behind; a SIGKILLed
+        # one (carol) takes its SuperNode and ClientApp process down too
+        owners = {n: descendants(procs[n].pid) for n in ("alice", "bob")}
+        for name in ("alice", "bob"):
+            procs[name].send_signal(signal.SIGTERM)
+        for name in ("alice", "bob"):
+            assert procs[name].wait(timeout=60) == 130
+        time.sleep(2)
+        orphans = [_cmd(p) for p in [*carol_family, *owners["alice"], *owners["bob"]] if alive(p)]
+        assert not orphans, f"processes left running after client join ended: {orphans}"
     finally:
         for p in procs.values():
             _kill_tree(p)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from client_node.faults import apply_fault
-from client_node.join import JoinError, check_private_key, generate_node_keys, join, node_config_arg, supernode_argv
+from client_node.join import (JoinError, check_private_key, generate_node_keys, join, node_config_arg, supernode_argv,
+                              worker_argv)
 from coordinator.certs import (CertError, authorized_key_files, generate_certificates, load_node_public_key,
                                server_hosts, tls_files)
 from coordinator.deploy import (DeployError, connect_address, flwr_cli_config, key_fingerprint,
@@ -20,6 +21,8 @@ from fedadapt.processes import Child, alive, descendants, free_port
 from protocols.codecs import CodecError, get_codec
 from protocols.config import FederationConfig
 from protocols.messages import UpdateEnvelope
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_certificates_verify_and_cover_hosts(tmp_path):
@@ -111,6 +114,48 @@ def test_addresses_and_run_config_argument(tmp_path):
         "data-path": "/data/my owner", "name": "alice", "fault": "corrupt-update"}
     argv = supernode_argv("h:1", Path("/d"), "n", 9999, insecure=False, root_cert=Path("/ca.crt"), key=Path("/k"))
     assert argv[argv.index("--auth-supernode-private-key") + 1] == "/k" and "--insecure" not in argv
+    assert argv[argv.index("--isolation") + 1] == "process"  # the warm worker claims its tasks
+    cold = supernode_argv("h:1", Path("/d"), "n", 9999, insecure=True, root_cert=None, key=None, warm=False)
+    assert cold[cold.index("--isolation") + 1] == "subprocess" and "--insecure" in cold
+    w = worker_argv(9999, 4242)
+    assert w[w.index("--runtime-api-address") + 1] == "127.0.0.1:9999" and w[w.index("--parent-pid") + 1] == "4242"
+
+
+def _fab(pyproject: str) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("pyproject.toml", pyproject)
+        z.writestr("client_node/app.py", "app = None\n")
+    return buf.getvalue()
+
+
+def test_the_warm_worker_runs_only_fedadapts_clientapp():
+    from client_node.warm import CLIENTAPP_REF, fab_clientapp_ref
+
+    ours = (REPO / "pyproject.toml").read_text()
+    assert fab_clientapp_ref(_fab(ours)) == CLIENTAPP_REF
+    other = '[tool.flwr.app.components]\nserverapp = "x:app"\nclientapp = "evil.module:app"\n'
+    assert fab_clientapp_ref(_fab(other)) == "evil.module:app" != CLIENTAPP_REF
+    assert fab_clientapp_ref(b"not a zip") == "" and fab_clientapp_ref(_fab("not = [toml")) == ""
+
+
+def test_supernode_poll_interval_is_bounded(monkeypatch):
+    import time
+
+    from client_node.supernode import DEFAULT_POLL_S, _BoundedSleep, poll_interval
+
+    clock = _BoundedSleep(0.05)
+    t0 = time.monotonic()
+    clock.sleep(3)  # Flower's fixed wait between empty pulls
+    assert time.monotonic() - t0 < 1.0 and clock.monotonic() > 0  # other attributes are the time module's
+    monkeypatch.setenv("FEDADAPT_NODE_POLL_S", "0.25")
+    assert poll_interval() == 0.25
+    for raw, want in (("junk", DEFAULT_POLL_S), ("0", 0.05), ("1e9", 30.0)):
+        monkeypatch.setenv("FEDADAPT_NODE_POLL_S", raw)
+        assert poll_interval() == want
 
 
 def test_resume_keeps_the_run_config(tmp_path, tiny_cfg):
