@@ -192,3 +192,56 @@ threads = 1
     time.sleep(3)
     leftovers = [_cmd(p) for p in seen if alive(p)]
     assert not leftovers, f"processes left running: {leftovers}"
+
+
+def test_a_killed_warm_clientapp_process_is_replaced_and_the_node_goes_on(tmp_path, data_root):
+    """Insecure loopback, 2 owners, 3 rounds: after round 1 alice's warm ClientApp process is SIGKILLed (out of
+    memory, say); `client join` starts another, which serves her later rounds from the same SuperNode."""
+    rows = (data_root / "rotten_tomatoes" / "train.jsonl").read_text().splitlines()
+    for i, name in enumerate(("alice", "bob")):
+        d = tmp_path / "data" / name
+        d.mkdir(parents=True)
+        (d / "train.jsonl").write_text("\n".join(rows[i * 16:(i + 1) * 16]) + "\n")
+        (d / "labels.json").write_text((data_root / "rotten_tomatoes" / "labels.json").read_text())
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f"""
+name = "warm"
+model = "tiny-llama"
+rounds = 3
+output_dir = "{tmp_path / 'runs'}"
+[data]
+eval_examples = 8
+max_length = 32
+[federation]
+min_clients = 1
+min_available_clients = 2
+wait_for_clients_s = 240
+round_timeout_s = 60
+[train]
+local_steps = 1
+batch_size = 4
+threads = 1
+""")
+    run_dir, port = tmp_path / "runs" / "warm", free_port()
+    logs = {n: tmp_path / f"{n}.log" for n in ("serve", "alice", "bob")}
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        procs["serve"] = _start([str(BIN / "coordinator"), "serve", "--insecure", "--port", str(port), "--config", str(cfg)],
+                                logs["serve"])
+        for name in ("alice", "bob"):
+            procs[name] = _start([str(BIN / "client"), "join", "--insecure", "--data", str(tmp_path / "data" / name),
+                                  "--name", name, "--coordinator", f"127.0.0.1:{port}"], logs[name])
+        _wait(lambda: _state(run_dir).get("completed_rounds", 0) >= 1, 300, "round 1", list(logs.values()))
+        workers = [p for p in descendants(procs["alice"].pid) if "client_node.warm" in _cmd(p)]
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        assert procs["serve"].wait(timeout=400) == 0, logs["serve"].read_text()[-3000:]
+        assert "ClientApp process exited" in logs["alice"].read_text()
+        now = [p for p in descendants(procs["alice"].pid) if "client_node.warm" in _cmd(p)]
+        assert len(now) == 1 and now[0] != workers[0]
+    finally:
+        for p in procs.values():
+            _kill_tree(p)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    final = {m.get("client"): m["status"] for m in metrics if m["kind"] == "client" and m["round"] == 3}
+    assert final == {"alice": "ok", "bob": "ok"}, final
