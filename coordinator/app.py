@@ -76,7 +76,7 @@ class GridTransport:
 
 def run_coordinator(grid: Grid, cfg, run_dir: RunDir, *, is_simulation: bool) -> None:
     Coordinator(cfg, run_dir, is_simulation=is_simulation).run(
-        GridTransport(grid, max_bytes=cfg.compression.max_update_bytes))
+        GridTransport(grid, poll_s=cfg.federation.reply_poll_s, max_bytes=cfg.compression.max_update_bytes))
 
 
 def make_server_app(cfg, run_dir: RunDir, *, is_simulation: bool = True) -> ServerApp:

@@ -80,6 +80,8 @@ class FederationConfig(_Section):
     min_available_clients: int = Field(0, ge=0)
     round_timeout_s: float = Field(900.0, gt=0)  # deployment: per round; simulation: per client (sequential)
     wait_for_clients_s: float = Field(300.0, gt=0)
+    # How often the ServerApp asks the SuperLink for replies while a round runs (each reply waits up to this)
+    reply_poll_s: float = Field(0.2, ge=0.01, le=10)
     # Communication budget in MB (10^6 bytes) up + down over the whole run; 0 = no limit. A round whose
     # estimated traffic (the previous round's) would pass it is not started: the run stops (see docs/report.md).
     max_total_mb: float = Field(0.0, ge=0)
