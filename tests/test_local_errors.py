@@ -212,10 +212,10 @@ def _broken_data(tmp_path: Path, data_root: Path, split: str) -> Path:
     return d.parent
 
 
-def _simulate(capsys, *argv: str) -> tuple[int, str]:
+def _simulate(capsys, *argv: str, engine: str = "inprocess") -> tuple[int, str]:
     from simulations.cli import main
 
-    rc = main(["--config", TINY, *argv])
+    rc = main(["--config", TINY, "--engine", engine, *argv])
     return rc, capsys.readouterr().err
 
 
@@ -254,3 +254,14 @@ def test_a_failed_round_is_one_line_and_an_uncommitted_run_directory_is_removed(
     assert rc == 2 and "stopped after 1 of 2 rounds" in _one_error(err)
     kept = list(runs.iterdir())
     assert len(kept) == 1 and RunDir.open_existing(kept[0]).state()["completed_rounds"] == 1  # round 1 is kept
+
+
+def test_a_failed_round_through_flwr_run_is_one_line(tmp_path, data_root, capsys):
+    """The CLI's default engine (a simulation SuperLink + `flwr run`): a round whose every update is refused
+    ends the command with one line giving the ServerApp's reason, and the uncommitted run directory is gone."""
+    runs = tmp_path / "runs"
+    rc, err = _simulate(capsys, "--set", f"output_dir='{runs}'", "--set", f"data.root='{data_root}'",
+                        "--set", "federation.faults={'0' = 'nan-update', '1' = 'nan-update'}", engine="flwr")
+    line = _one_error(err)
+    assert rc == 2 and "stopped after 0 of 2 rounds" in line and "usable updates" in line, line
+    assert "its run directory was removed" in line and not any(runs.iterdir())
