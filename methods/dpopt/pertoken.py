@@ -23,6 +23,7 @@ For each token of each candidate prompt (and for each retry of a token):
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -141,6 +142,12 @@ def generate_per_token(model, tok, pool: list[Example], labels: list[str], dp_cf
     failures = retries = forwards = 0
     budget_stopped = False
 
+    from .client import META_HEAD
+
+    prefix_text = BACKWARD_HEAD.format(instruction=seed) if dp_cfg.meta_prompt == "backward" else META_HEAD
+    prefix_ids = tok(prefix_text)["input_ids"]
+    prefix_cache = model(input_ids=torch.tensor([prefix_ids]), use_cache=True).past_key_values
+
     def vote(chosen: list[int], position: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         nonlocal forwards
         groups = poisson_members(n, q, E, dp_cfg.shots, generator)
@@ -148,25 +155,32 @@ def generate_per_token(model, tok, pool: list[Example], labels: list[str], dp_cf
         if dp_cfg.meta_prompt == "backward" and need:
             for i, p in zip(need, predict_labels(model, tok, seed, [pool[i] for i in need], labels, data_cfg)):
                 cache[i] = p
-        texts = []
+        rests = []
         for g in groups:
             demos = [pool[i] for i in g]
             if dp_cfg.meta_prompt == "backward":
                 msg = BACKWARD_MESSAGES[secure_randbelow(len(BACKWARD_MESSAGES), generator)]
-                texts.append(backward_meta(seed, demos, [cache[i] for i in g], labels, dp_cfg.max_demo_chars, msg))
+                text = backward_meta(seed, demos, [cache[i] for i in g], labels, dp_cfg.max_demo_chars, msg)
             else:
-                texts.append(meta_prompt(demos, labels, dp_cfg.max_demo_chars))
-        rows = [tok(t)["input_ids"] + chosen for t in texts]
-        width = max(len(r) for r in rows)
+                text = meta_prompt(demos, labels, dp_cfg.max_demo_chars)
+            assert text.startswith(prefix_text)
+            rests.append(tok(text[len(prefix_text):], add_special_tokens=False)["input_ids"] + chosen)
+        # the public head is computed once (prefix_cache) and shared; each member's rest is left-padded after it
+        width = max(len(r) for r in rests)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding: every member's next token is at position -1
+        ids = torch.full((len(rests), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rests), width), dtype=torch.long)
+        for i, r in enumerate(rests):
             ids[i, width - len(r):] = torch.tensor(r)
             mask[i, width - len(r):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                       logits_to_keep=1).logits[:, -1].float()
+        lp = len(prefix_ids)
+        positions = lp + (mask.cumsum(-1) - 1).clamp(min=0)
+        kv = copy.deepcopy(prefix_cache)
+        kv.batch_repeat_interleave(len(rests))
+        full_mask = torch.cat([torch.ones((len(rests), lp), dtype=torch.long), mask], dim=1)
+        logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=kv,
+                       use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        del kv
         forwards += 1
         if position < dp_cfg.min_new_tokens:
             logits[:, stops] = -math.inf
