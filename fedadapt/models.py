@@ -568,10 +568,35 @@ def _build_tiny(name: str, seed: int):
 # ---------------------------------------------------------------------------- loading
 
 
+# A warm process (Ray actor, SuperNode ClientApp) must not parse a tokenizer again: Gemma 3's 262k-entry
+# tokenizer.json takes ~3-4 s to read on 2 cores, its model weights ~0.3 s. One pristine tokenizer per model
+# identity; every caller gets its own light copy (below).
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _copy_tokenizer(tok):
+    """A copy whose Python-side settings (padding_side, pad_token, chat_template, special tokens) are its own,
+    sharing the parsed Rust backend (microseconds; ``copy.deepcopy`` re-serializes the vocabulary, ~3 s for
+    Gemma 3). The backend's padding/truncation are set by transformers on every call, so sharing it is safe;
+    adding tokens to a copy (``add_tokens``) would reach the shared backend: nothing in fedadapt does."""
+    import copy
+
+    out = copy.copy(tok)
+    for k, v in vars(tok).items():
+        if isinstance(v, (dict, list, set)):
+            setattr(out, k, copy.copy(v))
+    return out
+
+
 def load_tokenizer(name: str):
+    """``name``'s tokenizer, pad token set, padding on the left. Parsed once per process (keyed by the model's
+    identity); each call returns an independent copy (``_copy_tokenizer``)."""
     from transformers import AutoTokenizer
 
     ref = resolve_model(name)
+    cached = _TOKENIZERS.get(ref.identity)
+    if cached is not None:
+        return _copy_tokenizer(cached)
     if ref.kind in ("smollm2", "tiny"):
         folder = _tokenizer_dir()
     else:
@@ -584,7 +609,8 @@ def load_tokenizer(name: str):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # the classification head reads the last position
-    return tok
+    _TOKENIZERS[ref.identity] = tok
+    return _copy_tokenizer(tok)
 
 
 def _check_causal_lm(folder: Path):

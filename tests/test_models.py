@@ -37,6 +37,7 @@ def own_home(tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("FEDADAPT_HOME", str(home))
     monkeypatch.setattr(models, "_DIGESTS", {})
+    monkeypatch.setattr(models, "_TOKENIZERS", {})
     return home
 
 
@@ -341,6 +342,32 @@ def test_load_model_places_and_casts(tiny_llama):
     assert all(torch.equal(v, ref[k].to(torch.bfloat16)) for k, v in model.state_dict().items())
     batch = models.to_device({"input_ids": torch.tensor([[1, 2]]), "n": 3}, models.model_device(model))
     assert batch["n"] == 3 and batch["input_ids"].device.type == "cpu"
+
+
+def test_a_warm_process_parses_the_tokenizer_once_and_every_caller_gets_its_own_copy(tmp_path, tiny_llama, monkeypatch):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "m"
+    tiny_llama[0].save_pretrained(folder)
+    tiny_llama[1].save_pretrained(folder)
+    monkeypatch.setattr(models, "_TOKENIZERS", {})
+    parsed = []
+    real = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: parsed.append(a) or real(*a, **k))
+    m1, a, _ = load_model(str(folder))
+    m2, b, info = load_model(str(folder))  # what a warm ClientApp process sees: no second parse
+    assert len(parsed) == 1 and not info.converted
+    assert m1 is not m2 and _same_weights(m1, m2)  # the model is still a fresh, trainable copy
+    assert a is not b and a("x y").input_ids == b("x y").input_ids
+    # a caller's settings stay its own: the pristine tokenizer and later copies are unchanged
+    a.chat_template = None
+    a.padding_side = "right"
+    a.pad_token = "<|im_start|>"
+    c = models.load_tokenizer(str(folder))
+    assert c.chat_template is not None and c.padding_side == "left" and c.pad_token == b.pad_token != "<|im_start|>"
+    assert b("hi", padding="max_length", max_length=4).input_ids[0] == b.pad_token_id  # left padding still
+    assert a("hi", padding="max_length", max_length=4).input_ids[-1] == a.pad_token_id  # right padding on a
+    assert len(parsed) == 1
 
 
 # ---------------------------------------------------------------------------- LoRA targets and wire tensors
