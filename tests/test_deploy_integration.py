@@ -73,16 +73,20 @@ def _kill_tree(proc: subprocess.Popen) -> list[int]:
     return family
 
 
+def _owner_folders(root: Path, data_root: Path, names: tuple[str, ...], rows_each: int) -> None:
+    """One small folder per data owner: consecutive rotten_tomatoes training rows and the labels."""
+    rows = (data_root / "rotten_tomatoes" / "train.jsonl").read_text().splitlines()
+    for i, name in enumerate(names):
+        d = root / name
+        d.mkdir(parents=True)
+        (d / "train.jsonl").write_text("\n".join(rows[i * rows_each:(i + 1) * rows_each]) + "\n")
+        (d / "labels.json").write_text((data_root / "rotten_tomatoes" / "labels.json").read_text())
+
+
 def test_secure_deployment_with_refusals_crash_resume_and_a_dropped_client(tmp_path, data_root):
     from coordinator.deploy import key_fingerprint
 
-    # data: three owners' folders, small
-    rows = (data_root / "rotten_tomatoes" / "train.jsonl").read_text().splitlines()
-    for i, name in enumerate(("alice", "bob", "carol")):
-        d = tmp_path / "data" / name
-        d.mkdir(parents=True)
-        (d / "train.jsonl").write_text("\n".join(rows[i * 24:(i + 1) * 24]) + "\n")
-        (d / "labels.json").write_text((data_root / "rotten_tomatoes" / "labels.json").read_text())
+    _owner_folders(tmp_path / "data", data_root, ("alice", "bob", "carol"), 24)
     cfg = tmp_path / "run.toml"
     cfg.write_text(f"""
 name = "deploy"
@@ -197,12 +201,7 @@ threads = 1
 def test_a_killed_warm_clientapp_process_is_replaced_and_the_node_goes_on(tmp_path, data_root):
     """Insecure loopback, 2 owners, 3 rounds: after round 1 alice's warm ClientApp process is SIGKILLed (out of
     memory, say); `client join` starts another, which serves her later rounds from the same SuperNode."""
-    rows = (data_root / "rotten_tomatoes" / "train.jsonl").read_text().splitlines()
-    for i, name in enumerate(("alice", "bob")):
-        d = tmp_path / "data" / name
-        d.mkdir(parents=True)
-        (d / "train.jsonl").write_text("\n".join(rows[i * 16:(i + 1) * 16]) + "\n")
-        (d / "labels.json").write_text((data_root / "rotten_tomatoes" / "labels.json").read_text())
+    _owner_folders(tmp_path / "data", data_root, ("alice", "bob"), 16)
     cfg = tmp_path / "run.toml"
     cfg.write_text(f"""
 name = "warm"
