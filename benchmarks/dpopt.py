@@ -78,6 +78,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epsilons", default="8,inf,4,1")
     ap.add_argument("--prompts", type=int, default=DPOPTConfig().num_prompts)
+    ap.add_argument("--prompts-at", default="", help="ε values (comma list) that get --prompts candidates; the "
+                    "others get 1 (CPU time). Empty: every ε gets --prompts")
     ap.add_argument("--ensemble", type=int, default=DPOPTConfig().ensemble_size)
     ap.add_argument("--tokens", type=int, default=DPOPTConfig().max_new_tokens)
     ap.add_argument("--train-rows", type=int, default=0, help="0 = the whole training split")
@@ -109,7 +111,8 @@ def main() -> None:
     rows_out = []
     for eps_text in args.epsilons.split(","):
         eps = float(eps_text)
-        cfg = DPOPTConfig(epsilon=eps, delta=1e-5, ensemble_size=args.ensemble, num_prompts=args.prompts,
+        n_prompts = args.prompts if not args.prompts_at or eps_text in args.prompts_at.split(",") else 1
+        cfg = DPOPTConfig(epsilon=eps, delta=1e-5, ensemble_size=args.ensemble, num_prompts=n_prompts,
                           max_new_tokens=args.tokens, selection="private", validation_fraction=args.val_fraction)
         res, validation = generate_prompts(model, tok, train, labels, cfg, seed_text="bench", data_cfg=data_cfg,
                                            pred_cache=pred_cache)
@@ -142,7 +145,7 @@ def write(args, rows_out, zero, icl, test, train, total):
         f"members through the DLN-1 backward meta-prompt (seeded with \"Classify the input text as negative or "
         f"positive.\"), votes sampled at temperature 0.7, limited domain at ε_step = 1.8, k̄ = 10, δ0 = "
         f"{r0.delta0:.2g} (δ / (2 × planned calls), charged unamplified), one retry per token (≤ 5 per prompt), no "
-        f"end-of-text before 3 tokens, ≤ {args.tokens} tokens; {args.prompts} candidates per ε, then private "
+        f"end-of-text before 3 tokens, ≤ {args.tokens} tokens; candidates per ε as listed (CPU time), then private "
         f"selection among them and \"\" on the owner's held-out bucket ({rows_out[0]['nval']} rows, exponential "
         f"mechanism at ε). δ = 1e-5. Test: {n} rows (every k-th), instruction prepended to \"Review: {{text}}\\n"
         f"Sentiment:\". Noise from OS entropy, one draw per ε. CPU {platform.machine()}, "
