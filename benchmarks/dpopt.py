@@ -180,6 +180,17 @@ def write(args, rows_out, zero, icl, test, train, total):
     released = sum(1 for r in rows_out for p in r["res"].prompts if p)
     total_c = sum(len(r["res"].prompts) for r in rows_out if not math.isinf(r["eps"]))
     released_private = sum(1 for r in rows_out if not math.isinf(r["eps"]) for p in r["res"].prompts if p)
+    scored = [(acc_se(r["test"][c])[0], c) for r in rows_out for c in {c for c in r["cands"] if c}]
+    if scored:
+        below = sum(1 for a, _ in scored if a < z)
+        best_a, best_c = max(scored)
+        verdict = (f"**Plainly: instruction prefixes still score below \"\" on this model**: {below} of {len(scored)} "
+                   f"non-empty candidates are below zero-shot ({z:.3f}) on the test rows; the best is {best_a:.3f} "
+                   f"(“{best_c}”)." if below == len(scored) else
+                   f"{len(scored) - below} of {len(scored)} non-empty candidates score at or above zero-shot ({z:.3f}) "
+                   f"on the test rows; the best is {best_a:.3f} (“{best_c}”); the paired s.e. above says whether it "
+                   "is more than noise.")
+        lines += ["", verdict]
     lines += [
         "",
         f"Baselines, same {n} rows: hand-written zero-shot prompt (\"\") **{fmt(z, zse)}**; non-private 4-shot ICL "
