@@ -107,7 +107,7 @@ def spearman(x: list[float], y: list[float]) -> float:
     return pearson(ranks(x), ranks(y))
 
 
-def write_report(args, records, zero, n_eval, t_start, total, public_meta, out: Path) -> str:
+def write_report(args, records, zero, n_eval, seconds, total, public_meta, out: Path, command: str = "") -> str:
     se0 = math.sqrt(zero * (1 - zero) / n_eval)
     ref = next((r for r in records if r["keep_label"] == "all" and r["lr"] == 5e-5), None)
     lines = ["| emulator | keep (unique middle) | adapters (bottom+top) | lr | distill | unique decoder params | "
@@ -116,12 +116,14 @@ def write_report(args, records, zero, n_eval, t_start, total, public_meta, out: 
     for r in records:
         per = " / ".join(f"{v:+.2f}" for v in r["fid_public"]["per_layer"].values())
         gain, se = 100 * r["gain"], 100 * r["gain_se"]
-        sig = " **" if abs(gain) >= 2 * se and se > 0 else ""
+        cell = f"{gain:+.1f} ± {se:.1f} pt"
+        if abs(gain) >= 2 * se and se > 0:
+            cell = f"**{cell}**"
         lines.append(
             f"| {r['method']} | {r['keep_label']} ({r['unique_middle']}) | {r['bottom']}+{r['top']} | {r['lr']:g} | "
             f"{r['distill'] or '-'} | {r['decoder_ratio']:.0%} | **{r['fid_public']['overall']:+.3f}** ({per}) | "
             f"{r['fid_train']['overall']:+.3f} | {r['plug_in']:.3f} ± {r['plug_in_se']:.3f} | "
-            f"{gain:+.1f} ± {se:.1f} pt{sig + '**' if sig else ''} | {r['step_s']:.2f} |")
+            f"{cell} | {r['step_s']:.2f} |")
     table = "\n".join(lines)
     rest = [r for r in records if r["keep_label"] != "all"]
     fx = [r["fid_public"]["overall"] for r in records]
@@ -130,14 +132,23 @@ def write_report(args, records, zero, n_eval, t_start, total, public_meta, out: 
             f"Spearman {spearman(fx, gy):+.2f}; public-text fidelity vs train-row fidelity: Pearson "
             f"{pearson(fx, [r['fid_train']['overall'] for r in records]):+.2f}." if len(records) >= 3 else
             "Too few settings finished for a correlation.")
+    lr0 = rest[0]["lr"] if rest else None
+    same = [r for r in rest if r["lr"] == lr0]  # one learning rate: a higher lr moves the gain on its own
+    if len(same) >= 3:
+        rx, ry = [r["fid_public"]["overall"] for r in same], [r["gain"] for r in same]
+        corr += (f" Emulators only, at lr {lr0:g} ({len(same)} settings): Pearson r(fidelity, gain) = "
+                 f"{pearson(rx, ry):+.2f}, Spearman {spearman(rx, ry):+.2f}; r(train-row fidelity, gain) = "
+                 f"{pearson([r['fid_train']['overall'] for r in same], ry):+.2f}; public vs train-row fidelity "
+                 f"{pearson(rx, [r['fid_train']['overall'] for r in same]):+.2f}.")
     beat = [r for r in rest if r["gain"] > 0 and r["gain"] >= 2 * r["gain_se"]]
     above = [r for r in rest if r["gain"] > 0]
     stem = out.stem
-    argv = list(sys.argv[1:])
-    if "--out" in argv:
-        i = argv.index("--out")
-        del argv[i : i + 2]
-    command = " ".join(["python benchmarks/offsite_fidelity.py", *argv])
+    if not command:
+        argv = list(sys.argv[1:])
+        if "--out" in argv:
+            i = argv.index("--out")
+            del argv[i : i + 2]
+        command = " ".join(["python benchmarks/offsite_fidelity.py", *argv])
     section = f"""## {stem}: does the emulator's gradient fidelity predict the offsite plug-in?
 
 Setting: {args.model}, rotten_tomatoes, prompt "Review: {{text}}\\nSentiment:", label-word logits. Per setting:
@@ -151,14 +162,14 @@ and plugged into the full model, evaluated on the first **{n_eval} test rows**. 
 reference's: one mean-pooled vector per sequence of {args.calibration_examples} public texts in the task's prompt. "all" keeps every
 middle layer: the emulator *is* the full model, so that row is the full-model fine-tune of the same adapters
 (the upper reference, fidelity 1). {len(records)} of {total} settings done, {args.threads} torch threads on a
-shared 2-core CPU, {time.perf_counter() - t_start:.0f} s.
+shared 2-core CPU, {seconds:.0f} s.
 `{command}`
 
 Measured in the same run: **full model zero-shot {zero:.3f} ± {se0:.3f}** (s.e.) on the same {n_eval} rows.
 
 {table}
 
-Gains are paired (the same rows, zero-shot vs plug-in): s.e. = sd(per-row difference)/√n; bold ** marks
+Gains are paired (the same rows, zero-shot vs plug-in): s.e. = sd(per-row difference)/√n; bold marks
 |gain| ≥ 2 s.e. Fidelity reads (`methods/offsite/emulators/fidelity.py`): ≥ 0.8 high, 0.5–0.8 partial,
 0.2–0.5 low, < 0.2 none.
 
@@ -174,6 +185,8 @@ Gains are paired (the same rows, zero-shot vs plug-in): s.e. = sd(per-row differ
         section += "\n" + notes.read_text()
     out.write_text(section)
     out.with_suffix(".json").write_text(json.dumps({"zero_shot": zero, "eval_rows": n_eval, "records": records,
+                                                    "seconds": seconds, "total_settings": total, "public_meta": public_meta,
+                                                    "command": command, "args": vars(args),
                                                     "machine": platform.machine(), "cpus": os.cpu_count()}, indent=1))
     return section
 
@@ -192,7 +205,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="smollm2-135m", help="tiny-llama: a seconds-long check of this script")
     ap.add_argument("--out", default=str(ROOT / "results" / "offsite_fidelity.md"))
+    ap.add_argument("--render-only", action="store_true", help="rewrite the section from its .json (after editing the notes)")
     args = ap.parse_args()
+    if args.render_only:
+        saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        run_args = argparse.Namespace(**{**vars(args), **saved.get("args", {})})
+        print(write_report(run_args, saved["records"], saved["zero_shot"], saved["eval_rows"], saved.get("seconds", 0),
+                           saved.get("total_settings", len(saved["records"])), saved.get("public_meta", {}), Path(args.out),
+                           command=saved.get("command", "")))
+        return
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     cfg = load_config(ROOT.parent / "simulations" / "configs" / "offsite.toml", [
@@ -216,7 +237,7 @@ def main() -> None:
     c0 = correct_per_row(task, full, rows_eval)
     zero = float(c0.mean())
     print(f"full zero-shot {zero:.3f}", flush=True)
-    base_state = full.state_dict()
+    base_state = {k: v.clone() for k, v in full.state_dict().items()}  # state_dict() aliases the live weights
     g_full_cache: dict = {}
     settings = parse_settings(args.settings)
     sim_spec = EmulatorSpec(model=cfg.model, method="crash", bottom=0, top=0, keep=1, max_length=cfg.data.max_length,
@@ -269,7 +290,7 @@ def main() -> None:
         rec["keep"] = keep
         records.append(rec)
         print(json.dumps({k: v for k, v in rec.items() if k not in ("kept",)}, default=str), flush=True)
-        section = write_report(args, records, zero, n, t_start, len(settings), public_meta, Path(args.out))
+        section = write_report(args, records, zero, n, time.perf_counter() - t_start, len(settings), public_meta, Path(args.out))
         del emu
     print(section)
 
