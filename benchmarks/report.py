@@ -10,7 +10,7 @@ import platform
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-ORDER = ["foundation", "tasks", "fuzz", "deployment", "privacy", "privacy_accounting", "codecs", "offsite", "offsite_budget", "offsite_memory", "offsite_fidelity", "sfprompt", "dpopt", "scale"]
+ORDER = ["foundation", "tasks", "models", "fuzz", "deployment", "privacy", "privacy_accounting", "codecs", "offsite", "offsite_budget", "offsite_memory", "offsite_fidelity", "sfprompt", "dpopt", "scale"]
 
 
 def main() -> None:
