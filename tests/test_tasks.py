@@ -80,10 +80,50 @@ def test_chat_template_is_the_tokenizers_own_else_the_default(tok):
     text = default.render(default.parse(ex_obj, "x").messages, generation_prompt=False)
     assert text.startswith("### User:\n2+2?\n\n### Assistant:\n4")
     assert default.render([("user", "2+2?")], generation_prompt=True).endswith("### Assistant:\n")
-    # a tokenizer without a chat template (Gemma 3's GGUF) falls back to the default
+    # a tokenizer without a chat template uses its family's, recognised by the turn markers in its vocabulary
     bare = load_tokenizer("tiny-llama")
     bare.chat_template = None
-    assert build_task(_cfg("task=instruct"), [], bare).template_used == "default"
+    fam = build_task(_cfg("task=instruct"), [], bare)
+    assert fam.template_used == "chatml"  # SmolLM2's vocabulary has ChatML's markers
+    text = fam.render(fam.parse(ex_obj, "x").messages, generation_prompt=False)
+    assert text == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+    ids, labels = fam.encode_example(fam.parse(ex_obj, "x"))
+    assert bare.decode([i for i, lab in zip(ids, labels) if lab != -100]) == "4<|im_end|>"
+    assert fam._stop_ids() == [bare.eos_token_id, bare.convert_tokens_to_ids("<|im_end|>")]
+    assert build_task(_cfg("task=instruct", "instruct.chat_template=family"), [], tok).template_used == "chatml"
+
+
+def test_gemma_family_template_folds_the_system_message_and_stops_at_end_of_turn():
+    from transformers import AutoTokenizer
+
+    from fedadapt.models import _tokenizer_dir
+
+    g = AutoTokenizer.from_pretrained(_tokenizer_dir())  # its own copy: tokens are added below
+    g.chat_template = None
+    g.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    task = build_task(_cfg("task=instruct", "instruct.system='Be brief.'"), [], g)
+    assert task.template_used == "gemma"
+    ex = task.parse({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}, "x")
+    text = task.render(task._with_system(ex.messages), generation_prompt=False)
+    assert text == (f"{g.bos_token}<start_of_turn>user\nBe brief.\n\n2+2?<end_of_turn>\n"
+                    "<start_of_turn>model\n4<end_of_turn>\n")
+    assert task.render([("user", "hi")], generation_prompt=True).endswith("<start_of_turn>model\n")
+    ids, labels = task.encode_example(ex)
+    assert g.decode([i for i, lab in zip(ids, labels) if lab != -100]) == "4<end_of_turn>"
+    assert g.convert_tokens_to_ids("<end_of_turn>") in task._stop_ids()
+
+
+def test_the_default_template_adds_bos_when_the_tokenizer_encodes_with_it(tok):
+    class GemmaLike:  # Gemma's converted tokenizer: add_bos_token False, yet its post-processor adds <bos>
+        bos_token_id, add_bos_token = 2, False
+
+        def __call__(self, text, **kw):
+            return {"input_ids": [2, 7]}
+
+    task = build_task(_cfg("task=instruct", "instruct.chat_template=default"), [], tok)
+    assert task._bos() == []  # SmolLM2's tokenizer adds no BOS
+    task.tokenizer = GemmaLike()
+    assert task._bos() == [2]
 
 
 def test_classification_rows_become_questions_with_label_word_answers(tok):

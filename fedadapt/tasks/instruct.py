@@ -8,7 +8,9 @@ Data (JSON Lines), any of, line by line:
   ``instruct.question`` / ``instruct.answer`` (the answer is the label word), as FlowerTune's finance task.
 
 Prompts are rendered with the tokenizer's chat template when it has one (``instruct.chat_template =
-"auto"``), else with the documented default below. The loss covers the assistant tokens only (every
+"auto"``), else with its model family's (``chat_templates.py``: Gemma, Llama 3, ChatML, recognised by their
+turn markers in the vocabulary), else with the documented default below. Which one was used is written
+beside every saved sample generation (``RUN_DIR/samples/round-N.jsonl``, key ``template``). The loss covers the assistant tokens only (every
 assistant turn, its end-of-turn marker included); prompt tokens carry label -100, as TRL's
 completion-only loss. Long rows keep their end (the response) and drop the start of the prompt.
 
@@ -48,7 +50,8 @@ class InstructConfig(BaseModel):
     question: str = "{text}\n\nIs the sentiment of this text {choices}? Answer with one word."
     answer: str = "{label}"
     system: str = ""  # a system message put before every conversation ("" = none)
-    chat_template: Literal["auto", "default"] = "auto"  # auto = the tokenizer's own when it has one
+    # auto = the tokenizer's own when it has one, else the model family's when known, else "default"
+    chat_template: Literal["auto", "family", "default"] = "auto"
     max_new_tokens: int = Field(16, ge=1, le=1024)
     generate_examples: int = Field(64, ge=0)  # evaluation rows scored by greedy generation (0 = none)
     samples: int = Field(8, ge=0)  # generations saved in the run directory per evaluation
@@ -141,9 +144,14 @@ class InstructTask(Task):
 
     # ------------------------------------------------------------------ rendering
     def _template_name(self) -> str:
-        if self.icfg.chat_template == "auto" and getattr(self.tokenizer, "chat_template", None):
+        """"tokenizer", a family's name (``chat_templates.FAMILY_TEMPLATES``) or "default"."""
+        from .chat_templates import family_template
+
+        choice = self.icfg.chat_template
+        if choice == "auto" and getattr(self.tokenizer, "chat_template", None):
             return "tokenizer"
-        return "default"
+        self._family = family_template(self.tokenizer) if choice in ("auto", "family") else None
+        return self._family.name if self._family is not None else "default"
 
     def _with_system(self, messages):
         msgs = list(messages)
@@ -153,9 +161,10 @@ class InstructTask(Task):
 
     def render(self, messages, *, generation_prompt: bool) -> str:
         tok = self._need_tokenizer()
-        if self.template_used == "tokenizer":
+        if self.template_used != "default":
+            family = self._family.template if self.template_used != "tokenizer" else None
             return tok.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
-                                           add_generation_prompt=generation_prompt)
+                                           add_generation_prompt=generation_prompt, chat_template=family)
         eos = tok.eos_token or ""
         parts = []
         for role, content in messages:
@@ -166,10 +175,24 @@ class InstructTask(Task):
         return "".join(parts)
 
     def _bos(self) -> list[int]:
+        """The beginning-of-sequence token the default template needs when the model expects one (chat
+        templates write their own). Asked of the tokenizer's encoding itself: Gemma's converted tokenizer
+        reports ``add_bos_token = False`` while its post-processor adds ``<bos>``."""
         tok = self.tokenizer
-        if self.template_used == "default" and tok.bos_token_id is not None and getattr(tok, "add_bos_token", True):
+        if self.template_used != "default" or tok.bos_token_id is None:
+            return []
+        if getattr(tok, "add_bos_token", False) or tok("x")["input_ids"][:1] == [tok.bos_token_id]:
             return [tok.bos_token_id]
         return []
+
+    def _stop_ids(self) -> list[int]:
+        """Token ids that end a generated answer: end of text, and the family's end-of-turn marker."""
+        tok = self.tokenizer
+        ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        family = getattr(self, "_family", None)
+        if self.template_used not in ("default", "tokenizer") and family is not None:
+            ids.append(tok.convert_tokens_to_ids(family.end_of_turn))
+        return ids or None
 
     def encode_example(self, ex: Example) -> tuple[list[int], list[int]]:
         """(ids, labels): labels are -100 except on assistant tokens."""
@@ -265,7 +288,7 @@ class InstructTask(Task):
                 mask[i, width - len(r):] = 1
             dev = model_device(model)
             gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=self.icfg.max_new_tokens,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+                                 do_sample=False, pad_token_id=pad, eos_token_id=self._stop_ids())
             for row in gen[:, width:]:
                 text = tok.decode(row, skip_special_tokens=True)
                 if self.template_used == "default":
@@ -290,6 +313,6 @@ class InstructTask(Task):
             rouge += self._scorer.score(ref, got)["rougeL"].fmeasure
             if samples_out is not None and i < self.icfg.samples:
                 samples_out.append({"prompt": ex.messages[-2][1] if len(ex.messages) > 1 else "", "reference": ref,
-                                    "generated": got})
+                                    "generated": got, "template": self.template_used})
         n = max(len(outputs), 1)
         return {"exact_match": exact / n, "contains": contains / n, "rougeL": rouge / n, "generated": float(len(outputs))}
