@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedadapt.cli import err
 from fedadapt.paths import atomic_write_bytes, home
 from fedadapt.processes import (Child, ProcessError, child_env, executable, free_port, interrupt_on_termination,
-                                restore_handlers)
+                                restore_handlers, sweep)
 
 # Flower's SuperNode log lines that mean "this node will never get in by retrying".
 _REFUSAL = re.compile(r"(Failed to activate SuperNode|code: 2004|Invalid SuperNode authentication|401 Unauthorized|"
@@ -234,6 +234,7 @@ def join(data: str, coordinator: str, *, name: str = "", insecure: bool = False,
             for c in (worker, child):
                 if c is not None:
                     c.stop(15)
+            sweep("FLWR_HOME", env["FLWR_HOME"])  # a ClientApp process Flower started, should one have lost its parent
             err.print(f"[yellow]stopped[/] data owner {name}")
             return 130
         finally:

@@ -31,7 +31,7 @@ from pathlib import Path
 from fedadapt.cli import err
 from fedadapt.paths import atomic_write_json, atomic_write_text
 from fedadapt.processes import (Child, ProcessError, check_port_free, child_env, descendants, executable,
-                                interrupt_on_termination, port_listeners, restore_handlers, wait_for_port)
+                                interrupt_on_termination, port_listeners, restore_handlers, sweep, wait_for_port)
 from protocols.config import ConfigError, RunConfig
 
 from .certs import CertError, TlsFiles, authorized_key_files, tls_files
@@ -337,6 +337,7 @@ class Deployment:
             self.submit.stop(5)
         if self.superlink is not None:
             self.superlink.stop(15)
+            sweep("FLWR_HOME", str(self.rd.path.absolute() / "superlink" / "flwr-home"))  # orphans of the link's children
 
 
 def _read_deploy(rd: RunDir) -> dict:

@@ -234,6 +234,30 @@ class Child:
         return rc
 
 
+def sweep(env_name: str, env_value: str, grace: float = 5.0) -> list[int]:
+    """SIGTERM, then SIGKILL, every live process whose environment has ``env_name=env_value``; returns them.
+
+    Children inherit their parent's environment, so a marker set for one run's children (its ``FLWR_HOME``)
+    finds all of them, also those re-parented to init when a middle process died first (Ray's agents when
+    its raylet is killed)."""
+    needle = b"\0" + f"{env_name}={env_value}".encode() + b"\0"  # a whole entry, not a suffix of another
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in b"\0" + (entry / "environ").read_bytes() + b"\0" and alive(int(entry.name)):
+                found.append(int(entry.name))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 0)
+        while any(alive(p) for p in found) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return found
+
+
 def wait_for_port(child: Child, host: str, port: int, timeout: float) -> None:
     """Block until ``child`` (or a process under it) listens on ``host:port``; a child that exits first, or
     another process answering there, is an error (the former with the child's log tail)."""

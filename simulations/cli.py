@@ -9,13 +9,18 @@ from fedadapt.cli import add_config_args, err, run_cli
 
 
 def cmd_simulate(args) -> int:
+    from fedadapt.processes import interrupt_on_termination, restore_handlers
     from protocols.config import load_config
     from simulations.simulate import run_simulation_for
 
     cfg = load_config(args.config, args.overrides)  # fully validated before anything starts
     err.print(f"[bold]fedadapt simulate[/]: {cfg.federation.num_clients} data owners, {cfg.rounds} rounds, "
               f"task={cfg.task} trainer={cfg.trainer} model={cfg.model} data={cfg.data.dataset} codec={cfg.codec} merger={cfg.merger}")
-    rd = run_simulation_for(cfg, engine=args.engine)
+    old = interrupt_on_termination()  # SIGTERM/SIGHUP as Ctrl-C: the simulation stops its processes first
+    try:
+        rd = run_simulation_for(cfg, engine=args.engine)
+    finally:
+        restore_handlers(old)
     err.print(f"run directory: [bold]{rd.path}[/] ({rd.wall_seconds:.0f}s)")
     return 0
 

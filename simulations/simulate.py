@@ -109,7 +109,7 @@ def _simulate_with_flwr(cfg: RunConfig, rd, backend: str, echo) -> None:
     """A local SuperLink in simulation mode, ``flwr run`` of this project against it, both stopped after."""
     from coordinator.deploy import CONNECTION, Security, flwr_cli_config, project_root, run_config_arg
     from fedadapt.paths import atomic_write_text
-    from fedadapt.processes import Child, child_env, executable, free_port, wait_for_port
+    from fedadapt.processes import Child, child_env, executable, free_port, sweep, wait_for_port
 
     root = project_root()
     state_dir, logs = rd.path.absolute() / "superlink", rd.path.absolute() / "logs"
@@ -145,6 +145,7 @@ def _simulate_with_flwr(cfg: RunConfig, rd, backend: str, echo) -> None:
         if submit is not None and submit.running():
             submit.stop(5)
         link.stop(15)
+        sweep("FLWR_HOME", env["FLWR_HOME"])  # anything of this run that lost its parent (Ray's agents)
     rd.wall_seconds = time.perf_counter() - t0
     _check_finished(cfg, rd, "" if rc == 0 else (submit.tail(3) if submit else ""))
 

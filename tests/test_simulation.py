@@ -72,3 +72,32 @@ def test_fedadapt_simulate_runs_through_flwr_run_and_leaves_nothing_behind(tmp_p
     while _processes_mentioning(str(rd)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _processes_mentioning(str(rd))
+
+
+def test_fedadapt_simulate_stopped_midway_leaves_nothing_behind(tmp_path, data_root):
+    """SIGTERM to `fedadapt simulate` in round 2: it stops its SuperLink, flwr run, flwr-simulation and Ray
+    (also Ray's agents, which outlive a killed raylet) before it exits."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    runs = tmp_path / "runs"
+    argv = [str(Path(sys.executable).parent / "fedadapt"), "simulate", "--config",
+            str(Path(__file__).resolve().parent.parent / "simulations" / "configs" / "tiny.toml"),
+            "--set", f"output_dir='{runs}'", "--set", f"data.root='{data_root}'", "--set", "rounds=20"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    rd = runs / "tiny"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (rd / "state.json").is_file() or \
+            json.loads((rd / "state.json").read_text() or "{}").get("completed_rounds", 0) < 1:
+        assert proc.poll() is None and time.monotonic() < deadline, "round 1 did not finish"
+        time.sleep(0.5)
+    assert _processes_mentioning(str(rd))  # the run's processes are there
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 20
+    while _processes_mentioning(str(rd)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _processes_mentioning(str(rd))
